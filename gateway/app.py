@@ -1,0 +1,156 @@
+"""The app factory: the lifespan owns every resource and hands it to routes via app.state."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from gateway import api
+from gateway.broker import Broker
+from gateway.config import Settings
+from gateway.errors import ApiError
+from gateway.metrics import Metrics
+from gateway.providers.base import Provider
+from gateway.providers.truecaller import Truecaller
+from gateway.providers.veriphone import Veriphone
+from gateway.sessions import Sessions
+from gateway.storage import Database
+
+log = logging.getLogger("gateway")
+
+
+class Gateway:
+    """Everything a request handler may need, created and closed by the lifespan."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.db = Database(settings.database.path, settings.database.busy_timeout)
+        self.broker = Broker(settings.stream.buffer)
+        self.sessions = Sessions(self.db, self.broker)
+        self.metrics = Metrics()
+        self.sessions.on_outcome = self.metrics.outcome
+        self.http = httpx.AsyncClient(follow_redirects=False, trust_env=False)
+        self.providers: dict[str, Provider] = {}
+        if settings.providers.truecaller.enabled:
+            self.providers["truecaller"] = Truecaller(self)
+        if settings.providers.veriphone.enabled:
+            self.providers["veriphone"] = Veriphone(self)
+        self.shutting_down = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Run background work that shutdown waits for (callback follow-ups, fetches)."""
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task %s failed", task.get_name(), exc_info=task.exception())
+
+    def begin_shutdown(self) -> None:
+        """Stop taking long waits: close every stream so browsers reconnect elsewhere."""
+        self.shutting_down = True
+        self.broker.close_all("shutdown")
+
+    async def start(self) -> None:
+        await self.db.open()
+        self._expiry = asyncio.create_task(self.sessions.run_expiry(), name="expiry")
+        for provider in self.providers.values():
+            await provider.startup()
+
+    async def stop(self) -> None:
+        self.begin_shutdown()
+        if self._tasks:
+            _, late = await asyncio.wait(set(self._tasks), timeout=self.settings.server.shutdown_timeout)
+            for task in late:
+                task.cancel()
+            if late:
+                log.warning("shutdown: %d background tasks did not finish in time", len(late))
+        self._expiry.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._expiry
+        await self.http.aclose()
+        await self.db.close()
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return JSONResponse(exc.to_json(), status_code=exc.status_code)
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    return JSONResponse(
+        {"error": {"code": code, "message": str(exc.detail)}}, status_code=exc.status_code, headers=exc.headers
+    )
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error on %s", request.url.path, exc_info=exc)
+    return JSONResponse(
+        {"error": {"code": "internal_error", "message": "the gateway hit a bug; it has been logged"}},
+        status_code=500,
+    )
+
+
+async def _metrics(request: Request) -> Response:
+    gw: Gateway = request.app.state.gateway
+    gw.metrics.open_streams.set(gw.broker.count())
+    return Response(gw.metrics.render(), media_type=gw.metrics.content_type)
+
+
+def create_app(settings: Settings) -> Starlette:
+    gateway = Gateway(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    routes: list[BaseRoute] = api.routes()
+    for provider in gateway.providers.values():
+        routes += provider.routes()
+    routes += [
+        Route("/metrics", _metrics, methods=["GET"]),
+        Mount("/static", StaticFiles(packages=[("gateway", "static")]), name="static"),
+    ]
+    middleware = [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.server.cors_allow_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["content-type", "last-event-id"],
+            max_age=600,
+        )
+    ]
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        lifespan=lifespan,
+        exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _internal_error},
+    )
+    app.state.gateway = gateway
+    return app

@@ -1,0 +1,126 @@
+"""In-process publish/subscribe keyed by session id.
+
+Each subscriber owns a small bounded buffer and at most one waiting future; publishing is a
+few appends and `set_result` calls and never awaits, so a slow reader cannot hold up the
+publisher. A subscriber whose buffer overflows is closed instead (it reconnects and is
+served from the database). Heartbeats and stream deadlines are `call_later` timers, not
+tasks, so an idle stream costs one coroutine frame chain and a few small objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass
+
+TIMEOUT = "timeout"
+CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    id: int
+    kind: str  # "progress" | "outcome"
+    frame: bytes  # the encoded SSE frame, shared by all subscribers
+    data: dict[str, object]
+
+
+class Subscriber:
+    __slots__ = ("_broker", "_buffer", "_limit", "_timer", "_waiter", "close_reason", "session_id")
+
+    def __init__(self, broker: Broker, session_id: str, limit: int) -> None:
+        self._broker = broker
+        self.session_id = session_id
+        self._buffer: deque[Event] = deque()
+        self._limit = limit
+        self._waiter: asyncio.Future[str] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self.close_reason: str | None = None
+
+    def push(self, event: Event) -> None:
+        if self.close_reason is not None:
+            return
+        if len(self._buffer) >= self._limit:
+            self.close("overflow")
+            return
+        self._buffer.append(event)
+        self._wake("event")
+
+    def close(self, reason: str) -> None:
+        """Stop this subscription; a pending `wait` returns at once."""
+        if self.close_reason is None:
+            self.close_reason = reason
+            self._broker._discard(self)
+        self._wake(CLOSED)
+
+    def drain(self) -> list[Event]:
+        events = list(self._buffer)
+        self._buffer.clear()
+        return events
+
+    async def wait(self, timeout: float) -> str:
+        """Wait until an event is buffered, the subscriber is closed, or `timeout` seconds pass."""
+        if self._buffer:
+            return "event"
+        if self.close_reason is not None:
+            return CLOSED
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        self._timer = loop.call_later(max(timeout, 0.0), self._wake, TIMEOUT)
+        try:
+            return await waiter
+        finally:
+            self._waiter = None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+    def _wake(self, why: str) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(why)
+
+
+class Broker:
+    def __init__(self, buffer: int = 16) -> None:
+        self._subs: dict[str, list[Subscriber]] = {}
+        self._buffer = buffer
+        self.closed = False
+
+    def subscribe(self, session_id: str) -> Subscriber:
+        sub = Subscriber(self, session_id, self._buffer)
+        if self.closed:
+            sub.close("shutdown")
+            return sub
+        self._subs.setdefault(session_id, []).append(sub)
+        return sub
+
+    def publish(self, session_id: str, event: Event) -> int:
+        """Hand `event` to every current subscriber of the session; returns how many got it."""
+        subs = self._subs.get(session_id)
+        if not subs:
+            return 0
+        for sub in list(subs):
+            sub.push(event)
+        return len(subs)
+
+    def close_all(self, reason: str = "shutdown") -> None:
+        """Close every subscription (graceful shutdown: streams end, browsers reconnect)."""
+        self.closed = True
+        for subs in list(self._subs.values()):
+            for sub in list(subs):
+                sub.close(reason)
+
+    def count(self) -> int:
+        return sum(len(s) for s in self._subs.values())
+
+    def _discard(self, sub: Subscriber) -> None:
+        subs = self._subs.get(sub.session_id)
+        if subs is None:
+            return
+        try:
+            subs.remove(sub)
+        except ValueError:
+            return
+        if not subs:
+            del self._subs[sub.session_id]

@@ -1,0 +1,103 @@
+"""`gateway serve|migrate` (also `python -m gateway`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import socket
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+
+from gateway.config import Settings, load_settings
+from gateway.errors import ConfigError, GatewayError
+from gateway.storage import apply_migrations
+
+log = logging.getLogger("gateway")
+
+
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server, but streams are told to end before uvicorn waits for connections."""
+
+    def __init__(self, config: uvicorn.Config, on_shutdown: list[object]) -> None:
+        super().__init__(config)
+        self._on_shutdown = on_shutdown
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for hook in self._on_shutdown:
+            if callable(hook):
+                hook()
+        await super().shutdown(sockets)
+
+
+def build_server(settings: Settings, *, log_config: dict[str, object] | None = None) -> GatewayServer:
+    from gateway.app import create_app
+
+    app = create_app(settings)
+    gateway = app.state.gateway
+    config = uvicorn.Config(
+        app,
+        host=settings.server.host,
+        port=settings.server.port,
+        log_config=log_config,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=max(1, int(settings.server.shutdown_timeout)),
+        server_header=False,
+        proxy_headers=False,
+    )
+    return GatewayServer(config, [gateway.begin_shutdown])
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="Phone-verification gateway")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the HTTP server (applies pending migrations first)")
+    serve.add_argument("--config", help="config file (default: $GATEWAY_CONFIG, then ./config.toml)")
+    serve.add_argument("--host", help="override server.host")
+    serve.add_argument("--port", type=int, help="override server.port")
+    serve.add_argument("--sandbox", action="store_true", help="mount fake providers; no credentials needed")
+    migrate = sub.add_parser("migrate", help="apply pending database migrations and exit")
+    migrate.add_argument("--config", help="config file (default: $GATEWAY_CONFIG, then ./config.toml)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+        if args.command == "migrate":
+            applied = apply_migrations(settings.database.path, settings.database.busy_timeout)
+            print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
+            return 0
+        settings = _apply_overrides(settings, args)
+    except GatewayError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    from gateway.logs import configure_logging
+
+    configure_logging(settings.logging)
+    if settings.sandbox:
+        from gateway.sandbox import apply_sandbox
+
+        settings = apply_sandbox(settings)
+    server = build_server(settings)
+    try:
+        asyncio.run(server.serve())
+    except KeyboardInterrupt:  # pragma: no cover - second Ctrl+C
+        return 130
+    return 0 if server.started else 1
+
+
+def _apply_overrides(settings: Settings, args: argparse.Namespace) -> Settings:
+    server = settings.server
+    if args.host is not None:
+        server = dataclasses.replace(server, host=args.host)
+    if args.port is not None:
+        if not 0 <= args.port <= 65535:
+            raise ConfigError(f"--port: expected a port number 0-65535, got {args.port}")
+        server = dataclasses.replace(server, port=args.port)
+    return dataclasses.replace(settings, server=server, sandbox=bool(args.sandbox))

@@ -1,0 +1,372 @@
+"""Typed, frozen settings loaded from config.toml, with secrets from the environment.
+
+Every key is declared once, as a dataclass field; the loader derives type checks from the
+annotations and runs the range checks of `_check`. Each problem is reported as one line
+naming the file and the dotted key, before anything binds a port.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from gateway.errors import ConfigError
+
+ENV_CONFIG = "GATEWAY_CONFIG"
+SECRET_ENV = {
+    ("providers", "truecaller", "partner_key"): "GATEWAY_TRUECALLER_PARTNER_KEY",
+    ("providers", "veriphone", "api_key"): "GATEWAY_VERIPHONE_API_KEY",
+    ("providers", "veriphone", "api_secret"): "GATEWAY_VERIPHONE_API_SECRET",
+}
+
+TRUECALLER_LANGS = ("en", "hi", "mr", "te", "ml", "ur", "pa", "ta", "bn", "kn", "sw", "ar")
+TRUECALLER_LOGIN_PREFIXES = (
+    "getstarted",
+    "continue",
+    "placeorder",
+    "completepurchase",
+    "checkout",
+    "completebooking",
+    "proceedwithbooking",
+    "getdetails",
+    "viewmore",
+    "continuereading",
+)
+TRUECALLER_LOGIN_SUFFIXES = ("verifymobile", "login")
+TRUECALLER_CTA_PREFIXES = ("use", "continuewith", "proceedwith")
+TRUECALLER_BTN_SHAPES = ("round", "rect")
+TRUECALLER_SKIP_OPTIONS = ("useanothernum", "useanothermethod", "manualdetails")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    cors_allow_origins: tuple[str, ...] = ()
+    # Addresses (or CIDR networks) of reverse proxies whose X-Forwarded-For is believed.
+    trusted_proxies: tuple[str, ...] = ()
+    # Serve the demo page at /demo (always on in sandbox mode).
+    demo: bool = False
+    # Seconds SIGTERM waits for in-flight callback work before closing the database.
+    shutdown_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    path: str = "gateway.db"
+    busy_timeout: int = 5000  # milliseconds
+
+
+@dataclass(frozen=True)
+class SessionsConfig:
+    ttl: int = 120
+    retention: int = 900
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    heartbeat: float = 15
+    retry: int = 3000
+    max_duration: float = 300
+    # Events buffered per subscriber before a slow reader is dropped (it reconnects).
+    buffer: int = 16
+
+
+@dataclass(frozen=True)
+class PollingConfig:
+    max_wait: float = 25
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "info"
+    format: str = "auto"  # auto | json | text
+
+
+@dataclass(frozen=True)
+class TruecallerConfig:
+    enabled: bool = True
+    partner_key: str = ""
+    partner_name: str = ""
+    lang: str = "en"
+    privacy_url: str = ""
+    terms_url: str = ""
+    callback_timeout: float = 30
+    profile_hosts: tuple[str, ...] = (
+        "profile4-noneu.truecaller.com",
+        "profile4-eu.truecaller.com",
+        "profile4.truecaller.com",
+    )
+    require_https: bool = True
+    require_public_ip: bool = True
+    http_timeout: float = 2.5
+    login_prefix: str = ""
+    login_suffix: str = ""
+    cta_prefix: str = ""
+    cta_color: str = ""
+    cta_text_color: str = ""
+    btn_shape: str = ""
+    skip_option: str = ""
+    ttl: int = 0  # milliseconds the Truecaller dialog stays up; 0 leaves it out of the deep link
+
+
+@dataclass(frozen=True)
+class VeriphoneConfig:
+    enabled: bool = True
+    api_base: str = "https://service.veriph.one"
+    api_key: str = ""
+    api_secret: str = ""
+    http_timeout: float = 5
+    success_url: str = ""
+    failure_url: str = ""
+    locale: str = "en"
+
+
+@dataclass(frozen=True)
+class ProvidersConfig:
+    truecaller: TruecallerConfig = field(default_factory=TruecallerConfig)
+    veriphone: VeriphoneConfig = field(default_factory=VeriphoneConfig)
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    sessions: SessionsConfig = field(default_factory=SessionsConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    polling: PollingConfig = field(default_factory=PollingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    providers: ProvidersConfig = field(default_factory=ProvidersConfig)
+    source: str = "<defaults>"
+    sandbox: bool = False
+
+
+def load_settings(path: str | None = None, *, env: Mapping[str, str] | None = None) -> Settings:
+    """Find, read and validate the config: `path`, else $GATEWAY_CONFIG, else ./config.toml if present."""
+    env = os.environ if env is None else env
+    explicit = path or env.get(ENV_CONFIG) or None
+    candidate = Path(explicit) if explicit else Path("config.toml")
+    if explicit and not candidate.is_file():
+        raise ConfigError(f"{candidate}: config file not found")
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if candidate.is_file():
+        source = str(candidate)
+        try:
+            with candidate.open("rb") as fh:
+                raw = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: TOML syntax error: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+    return settings_from_dict(raw, source=source, env=env)
+
+
+def settings_from_dict(raw: Mapping[str, Any], *, source: str = "<dict>", env: Mapping[str, str] | None = None) -> Settings:
+    env = {} if env is None else env
+    merged = _with_secrets(raw, env)
+    settings = _build(Settings, merged, prefix="", source=source)
+    settings = dataclasses.replace(settings, source=source)
+    _check(settings)
+    return settings
+
+
+def _with_secrets(raw: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    merged: dict[str, Any] = _deep_copy(raw)
+    for keys, var in SECRET_ENV.items():
+        value = env.get(var)
+        if value:
+            node = merged
+            for key in keys[:-1]:
+                child = node.setdefault(key, {})
+                if not isinstance(child, dict):
+                    break  # a type error the builder reports with the right key
+                node = child
+            else:
+                node[keys[-1]] = value
+    return merged
+
+
+def _deep_copy(raw: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+
+
+_T = typing.TypeVar("_T")
+
+
+def _build(cls: type[_T], raw: Mapping[str, Any], *, prefix: str, source: str) -> _T:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    settable = {name for name in fields if name not in ("source", "sandbox") or prefix}
+    for key in raw:
+        if key not in settable:
+            known = ", ".join(sorted(settable))
+            raise ConfigError(f"{source}: {prefix}{key}: unknown key (known here: {known})")
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        dotted = f"{prefix}{name}"
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{source}: {dotted}: expected a table [{dotted}], got {_kind(value)}")
+            values[name] = _build(hint, value, prefix=f"{dotted}.", source=source)  # type: ignore[arg-type]
+        else:
+            values[name] = _coerce(hint, value, dotted, source)
+    return cls(**values)
+
+
+def _kind(value: object) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _coerce(hint: Any, value: Any, dotted: str, source: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+        if not isinstance(value, list) or not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{source}: {dotted}: expected a list of {item.__name__}s, got {_kind(value)}")
+        return tuple(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {dotted}: expected true or false, got {_kind(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {dotted}: expected an integer, got {_kind(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {dotted}: expected a number, got {_kind(value)}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {dotted}: expected a string, got {_kind(value)}")
+        return value
+    if isinstance(hint, types.UnionType):  # pragma: no cover - no optional keys today
+        raise ConfigError(f"{source}: {dotted}: unsupported type")
+    raise ConfigError(f"{source}: {dotted}: unsupported type {hint!r}")  # pragma: no cover
+
+
+def _check(s: Settings) -> None:
+    """Range and cross-key checks; the first failure is raised as one line."""
+    src = s.source
+    problems: list[tuple[str, bool, str, object]] = [
+        ("server.port", 0 <= s.server.port <= 65535, "a port number 0-65535", s.server.port),
+        ("server.host", bool(s.server.host.strip()), "a host name or address", s.server.host),
+        ("server.shutdown_timeout", 0 < s.server.shutdown_timeout <= 120, "seconds > 0 and <= 120",
+         s.server.shutdown_timeout),
+        ("database.path", bool(s.database.path.strip()), "a file path (or :memory:)", s.database.path),
+        ("database.busy_timeout", 0 <= s.database.busy_timeout <= 600_000, "milliseconds 0-600000",
+         s.database.busy_timeout),
+        ("sessions.ttl", 1 <= s.sessions.ttl <= 86_400, "seconds from 1 to 86400", s.sessions.ttl),
+        ("sessions.retention", 0 <= s.sessions.retention <= 31_536_000, "seconds from 0 to 31536000",
+         s.sessions.retention),
+        ("stream.heartbeat", 0 < s.stream.heartbeat < s.stream.max_duration,
+         "seconds > 0 and below stream.max_duration", s.stream.heartbeat),
+        ("stream.retry", 0 <= s.stream.retry <= 3_600_000, "milliseconds 0-3600000", s.stream.retry),
+        ("stream.max_duration", 0 < s.stream.max_duration <= 86_400, "seconds > 0 and <= 86400",
+         s.stream.max_duration),
+        ("stream.buffer", 2 <= s.stream.buffer <= 1024, "an integer 2-1024", s.stream.buffer),
+        ("polling.max_wait", 0 <= s.polling.max_wait <= 300, "seconds 0-300", s.polling.max_wait),
+        ("logging.level", s.logging.level in ("debug", "info", "warning", "error"),
+         "one of debug, info, warning, error", s.logging.level),
+        ("logging.format", s.logging.format in ("auto", "json", "text"), "one of auto, json, text",
+         s.logging.format),
+    ]
+    for origin in s.server.cors_allow_origins:
+        problems.append(("server.cors_allow_origins", _is_origin(origin),
+                         'exact origins like "https://www.example.com" (never "*")', origin))
+    for proxy in s.server.trusted_proxies:
+        problems.append(("server.trusted_proxies", _is_network(proxy), "IP addresses or CIDR networks", proxy))
+
+    tc = s.providers.truecaller
+    p = "providers.truecaller."
+    problems += [
+        (p + "lang", tc.lang in TRUECALLER_LANGS, "one of " + ", ".join(TRUECALLER_LANGS), tc.lang),
+        (p + "callback_timeout", 0 < tc.callback_timeout <= 600, "seconds > 0 and <= 600", tc.callback_timeout),
+        (p + "http_timeout", 0 < tc.http_timeout <= 60, "seconds > 0 and <= 60", tc.http_timeout),
+        (p + "profile_hosts", bool(tc.profile_hosts) or not tc.enabled, "at least one host", list(tc.profile_hosts)),
+        (p + "privacy_url", tc.privacy_url == "" or _is_url(tc.privacy_url), "an http(s) URL", tc.privacy_url),
+        (p + "terms_url", tc.terms_url == "" or _is_url(tc.terms_url), "an http(s) URL", tc.terms_url),
+        (p + "partner_name", len(tc.partner_name) <= 100, "at most 100 characters", tc.partner_name),
+        (p + "login_prefix", tc.login_prefix in ("", *TRUECALLER_LOGIN_PREFIXES),
+         "empty or one of " + ", ".join(TRUECALLER_LOGIN_PREFIXES), tc.login_prefix),
+        (p + "login_suffix", tc.login_suffix in ("", *TRUECALLER_LOGIN_SUFFIXES),
+         "empty or one of " + ", ".join(TRUECALLER_LOGIN_SUFFIXES), tc.login_suffix),
+        (p + "cta_prefix", tc.cta_prefix in ("", *TRUECALLER_CTA_PREFIXES),
+         "empty or one of " + ", ".join(TRUECALLER_CTA_PREFIXES), tc.cta_prefix),
+        (p + "cta_color", tc.cta_color == "" or _is_colour(tc.cta_color), 'a colour like "#1a73e8"', tc.cta_color),
+        (p + "cta_text_color", tc.cta_text_color == "" or _is_colour(tc.cta_text_color), 'a colour like "#ffffff"',
+         tc.cta_text_color),
+        (p + "btn_shape", tc.btn_shape in ("", *TRUECALLER_BTN_SHAPES),
+         "empty or one of " + ", ".join(TRUECALLER_BTN_SHAPES), tc.btn_shape),
+        (p + "skip_option", tc.skip_option in ("", *TRUECALLER_SKIP_OPTIONS),
+         "empty or one of " + ", ".join(TRUECALLER_SKIP_OPTIONS), tc.skip_option),
+        (p + "ttl", 0 <= tc.ttl <= 600_000, "milliseconds 0-600000 (0 = leave out)", tc.ttl),
+    ]
+    for host in tc.profile_hosts:
+        problems.append((p + "profile_hosts", _is_host_entry(host), '"host" or "host:port" entries', host))
+
+    vp = s.providers.veriphone
+    p = "providers.veriphone."
+    problems += [
+        (p + "api_base", _is_url(vp.api_base) and not vp.api_base.endswith("/"),
+         "an http(s) base URL without trailing slash", vp.api_base),
+        (p + "http_timeout", 0 < vp.http_timeout <= 60, "seconds > 0 and <= 60", vp.http_timeout),
+        (p + "success_url", vp.success_url == "" or _is_url(vp.success_url), "an absolute http(s) URL",
+         vp.success_url),
+        (p + "failure_url", vp.failure_url == "" or _is_url(vp.failure_url), "an absolute http(s) URL",
+         vp.failure_url),
+        (p + "locale", 2 <= len(vp.locale) <= 10, "a locale such as en or es", vp.locale),
+    ]
+    for key, ok, expected, got in problems:
+        if not ok:
+            raise ConfigError(f"{src}: {key}: expected {expected}, got {got!r}")
+
+
+def _is_url(value: str) -> bool:
+    parts = urlsplit(value)
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and not parts.username
+
+
+def _is_origin(value: str) -> bool:
+    parts = urlsplit(value)
+    return (
+        _is_url(value)
+        and parts.path == ""
+        and not parts.query
+        and not parts.fragment
+        and value == value.strip()
+        and value.lower() == f"{parts.scheme}://{parts.netloc}".lower()
+    )
+
+
+def _is_network(value: str) -> bool:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_colour(value: str) -> bool:
+    body = value[1:] if value.startswith("#") else ""
+    return len(body) in (3, 6, 8) and all(c in "0123456789abcdefABCDEF" for c in body)
+
+
+def _is_host_entry(value: str) -> bool:
+    host, _, port = value.rpartition(":") if value.count(":") == 1 else (value, "", "")
+    if port and not (port.isdigit() and 0 < int(port) < 65536):
+        return False
+    return bool(host) and all(c.isalnum() or c in ".-" for c in host)

@@ -1,0 +1,65 @@
+"""The gateway's exception tree.
+
+GatewayError                 every error a caller or operator can be told about
+├── ConfigError              config file or environment is unusable (startup)
+├── StorageError             the database failed (translated where sqlite raises)
+└── ApiError                 maps to an HTTP answer: status + stable snake_case code
+    ├── BadRequest           400, the caller's request is malformed
+    ├── NotFound             404
+    ├── Conflict             409
+    ├── PayloadTooLarge      413
+    ├── UnsupportedMedia     415
+    └── ProviderFailure      502, the provider refused or is unreachable
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway raises on purpose."""
+
+
+class ConfigError(GatewayError):
+    """The configuration cannot be used; the message is one line for the operator."""
+
+
+class StorageError(GatewayError):
+    """The database could not complete an operation."""
+
+
+class ApiError(GatewayError):
+    status_code = 400
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def to_json(self) -> dict[str, dict[str, str]]:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+class BadRequest(ApiError):
+    status_code = 400
+
+
+class NotFound(ApiError):
+    status_code = 404
+
+
+class Conflict(ApiError):
+    status_code = 409
+
+
+class PayloadTooLarge(ApiError):
+    status_code = 413
+
+
+class UnsupportedMedia(ApiError):
+    status_code = 415
+
+
+class ProviderFailure(ApiError):
+    """The provider answered with an error (provider_rejected) or not at all (provider_unavailable)."""
+
+    status_code = 502

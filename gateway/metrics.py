@@ -1,0 +1,48 @@
+"""Prometheus metrics, one registry per app (no module-level collectors)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_FAST = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.sessions_created = Counter(
+            "gateway_sessions_created", "Sessions created", ["provider"], registry=r
+        )
+        self.outcomes = Counter(
+            "gateway_outcomes", "Terminal outcomes", ["provider", "status", "reason"], registry=r
+        )
+        self.open_streams = Gauge("gateway_open_streams", "SSE streams open now", registry=r)
+        self.callback_seconds = Histogram(
+            "gateway_callback_seconds", "Time to answer a provider callback", ["provider"], buckets=_FAST, registry=r
+        )
+        self.fetch_seconds = Histogram(
+            "gateway_provider_fetch_seconds",
+            "Time of profile / result fetches from providers",
+            ["provider", "operation"],
+            buckets=_FAST,
+            registry=r,
+        )
+        self.provider_errors = Counter(
+            "gateway_provider_errors", "Provider calls that failed", ["provider", "kind"], registry=r
+        )
+        self.db_write_seconds = Histogram(
+            "gateway_db_write_seconds", "Time from queueing a write to its durable commit", buckets=_FAST, registry=r
+        )
+
+    def session_created(self, provider: str) -> None:
+        self.sessions_created.labels(provider).inc()
+
+    def outcome(self, provider: str, status: str, reason: str | None) -> None:
+        self.outcomes.labels(provider, status, reason or "").inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,165 @@
+"""GET the Truecaller profile from a checked endpoint, pinned to the checked addresses."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import httpx
+
+from gateway.providers.endpoint_guard import CheckedEndpoint
+
+logger = logging.getLogger(__name__)
+
+# Visible ASCII only: no header injection, and no encoding error that could quote the token.
+_TOKEN = re.compile(r"[\x21-\x7e]+")
+MAX_TOKEN_LENGTH = 4096
+_DIGITS = re.compile(r"[0-9]+")
+
+
+@dataclass(frozen=True)
+class FetchOk:
+    profile: object
+    attempts: int
+
+
+@dataclass(frozen=True)
+class FetchDenied:
+    """401/403: the token is bad or expired; retrying cannot help."""
+
+    status_code: int
+    attempts: int
+
+
+@dataclass(frozen=True)
+class FetchFailed:
+    """`detail` is a short fixed word safe for logs and metrics, e.g. `redirect`, `timeout`."""
+
+    detail: str
+    attempts: int
+    status_code: int | None = None
+
+
+FetchResult = FetchOk | FetchDenied | FetchFailed
+
+
+class _Retryable(Exception):
+    def __init__(self, detail: str, status_code: int | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.status_code = status_code
+
+
+async def fetch_profile(
+    http: httpx.AsyncClient,
+    endpoint: CheckedEndpoint,
+    access_token: str,
+    *,
+    timeout: float,  # noqa: ASYNC109 - a per-attempt limit; the whole call is bounded by `deadline`
+    deadline: float,
+    max_bytes: int = 65536,
+    attempts: int = 4,
+    backoff: float = 0.2,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> FetchResult:
+    """Fetch and JSON-parse the profile; retries 5xx, timeouts and transport errors until `deadline`."""
+    if not isinstance(access_token, str) or len(access_token) > MAX_TOKEN_LENGTH or not _TOKEN.fullmatch(access_token):
+        return FetchFailed("bad_token", attempts=0)
+    if not endpoint.addresses:
+        return FetchFailed("no_address", attempts=0)
+    last = FetchFailed("deadline", attempts=0)
+    for attempt in range(1, attempts + 1):
+        remaining = deadline - clock()
+        if remaining <= 0:
+            break
+        # Rotate through the checked addresses so one dead address does not burn every attempt.
+        address = endpoint.addresses[(attempt - 1) % len(endpoint.addresses)]
+        try:
+            return await _attempt(http, endpoint, address, access_token, min(timeout, remaining), max_bytes, attempt)
+        except _Retryable as exc:
+            last = FetchFailed(exc.detail, attempts=attempt, status_code=exc.status_code)
+            logger.info("truecaller profile fetch attempt %d failed: %s", attempt, exc.detail)
+        if attempt == attempts:
+            break
+        delay = backoff * 2 ** (attempt - 1)
+        if clock() + delay >= deadline:
+            break
+        await sleep(delay)
+    return last
+
+
+async def _attempt(
+    http: httpx.AsyncClient,
+    endpoint: CheckedEndpoint,
+    address: str,
+    access_token: str,
+    limit: float,
+    max_bytes: int,
+    attempt: int,
+) -> FetchResult:
+    # Connect to the checked IP; Host carries the real name. httpcore 1.0
+    # (_async/connection.py, AsyncHTTPConnection._connect) passes
+    # request.extensions["sni_hostname"] as start_tls(server_hostname=...), so SNI and
+    # certificate hostname verification use the real name, not the IP in the URL.
+    url = httpx.URL(scheme=endpoint.scheme, host=address, port=endpoint.port, raw_path=endpoint.target.encode("ascii"))
+    extensions = {"sni_hostname": endpoint.host} if endpoint.scheme == "https" else {}
+    request = http.build_request(
+        "GET",
+        url,
+        headers={
+            "Host": endpoint.host_header,
+            "Authorization": f"Bearer {access_token}",
+            "Cache-Control": "no-cache",
+            "Accept": "application/json",
+            # Compressed bodies could inflate far past max_bytes inside one chunk.
+            "Accept-Encoding": "identity",
+        },
+        timeout=httpx.Timeout(limit),
+        extensions=extensions,
+    )
+    try:
+        # httpx's timeout is per socket operation; this bounds the whole attempt (slow drip).
+        async with asyncio.timeout(limit):
+            # auth=None: a client-level auth must not replace the Bearer header.
+            response = await http.send(request, stream=True, follow_redirects=False, auth=None)
+            try:
+                return await _read(response, max_bytes, attempt)
+            finally:
+                await response.aclose()
+    except (TimeoutError, httpx.TimeoutException):
+        raise _Retryable("timeout") from None
+    except httpx.TransportError:
+        raise _Retryable("transport") from None
+    except httpx.HTTPError:
+        return FetchFailed("http_error", attempts=attempt)
+
+
+async def _read(response: httpx.Response, max_bytes: int, attempt: int) -> FetchResult:
+    status = response.status_code
+    if status in (401, 403):
+        return FetchDenied(status, attempts=attempt)
+    if status >= 500:
+        raise _Retryable("server_error", status)
+    if 300 <= status < 400:
+        return FetchFailed("redirect", attempts=attempt, status_code=status)
+    if not 200 <= status < 300:
+        return FetchFailed("status", attempts=attempt, status_code=status)
+    declared = response.headers.get("Content-Length", "")
+    if _DIGITS.fullmatch(declared) and (len(declared) > 15 or int(declared) > max_bytes):
+        return FetchFailed("too_large", attempts=attempt, status_code=status)
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > max_bytes:
+            return FetchFailed("too_large", attempts=attempt, status_code=status)
+    try:
+        profile = json.loads(bytes(body))
+    except (ValueError, RecursionError):
+        return FetchFailed("bad_json", attempts=attempt, status_code=status)
+    return FetchOk(profile, attempts=attempt)

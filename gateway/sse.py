@@ -1,0 +1,31 @@
+"""Server-Sent Events framing (WHATWG "text/event-stream"), pure and table-tested.
+
+Frames are built once per published event and shared by every subscriber.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sse_starlette.event import ServerSentEvent
+
+SEP = "\n"
+
+
+def event(name: str, data: Any, *, id: str | None = None) -> bytes:
+    """One event frame; `data` is serialised as compact JSON (never contains a raw newline)."""
+    payload = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    return ServerSentEvent(payload, event=name, id=id, sep=SEP).encode()
+
+
+def comment(text: str = "") -> bytes:
+    """A comment line: ignored by EventSource, keeps proxies and NATs from timing the stream out."""
+    return ServerSentEvent(comment=text, sep=SEP).encode()
+
+
+def retry(milliseconds: int) -> bytes:
+    return ServerSentEvent(retry=milliseconds, sep=SEP).encode()
+
+
+HEARTBEAT = b":\n\n"

@@ -1,0 +1,258 @@
+/*
+ * GatewayVerify: browser client for the phone-verification gateway.
+ * Plain JavaScript, no build step, no dependency. See demo.html for a complete page.
+ *
+ *   const handle = await GatewayVerify.start({provider: 'truecaller', onOutcome, onFallback});
+ *   handle.cancel();
+ *
+ * start() must be called from the user's click handler: both the Truecaller deep link and
+ * the Veriph.One popup need the browser's "user activation" or they are blocked.
+ */
+(() => {
+  'use strict';
+
+  // Truecaller's documented check: if the page still has focus this long after firing the
+  // deep link, no app took over the screen (no app, or an in-app browser that ignored it).
+  const FOCUS_CHECK_MS = 600;
+  // EventSource retries forever on its own; a proxy that buffers or strips text/event-stream
+  // shows up as repeated errors without a single event, so give up on SSE after a few.
+  const MAX_STREAM_ERRORS = 3;
+  // The server sends a `status` event as soon as a stream connects; if it has not arrived
+  // by then, something between us and the gateway is holding the stream back.
+  const FIRST_EVENT_MS = 10000;
+  const LONG_POLL_WAIT = 25;
+  const MAX_POLL_FAILURES = 5;
+  // Lets resume() pick up a Veriph.One session after the same-tab redirect round trip.
+  const STORAGE_KEY = 'gatewayVerify.pending';
+
+  class GatewayError extends Error {
+    constructor(code, message, status = 0) {
+      super(message);
+      this.name = 'GatewayError';
+      this.code = code;
+      this.status = status;
+    }
+  }
+
+  const parse = (text) => {
+    try { return JSON.parse(text); } catch { return null; }
+  };
+
+  // A throwing page callback must not derail the state machine (and lose the outcome);
+  // rethrowing from a timer still puts it in the console where the developer will see it.
+  const call = (fn, arg) => {
+    if (typeof fn !== 'function') return;
+    try { fn(arg); } catch (e) { setTimeout(() => { throw e; }); }
+  };
+
+  const storage = (value) => {
+    try {
+      if (value === undefined) return parse(sessionStorage.getItem(STORAGE_KEY));
+      if (value) sessionStorage.setItem(STORAGE_KEY, JSON.stringify(value));
+      else sessionStorage.removeItem(STORAGE_KEY);
+    } catch { /* storage disabled: resume() is then simply unavailable */ }
+    return null;
+  };
+
+  async function errorFrom(res) {
+    const body = parse(await res.text().catch(() => ''));
+    const err = (body && body.error) || {};
+    return new GatewayError(err.code || 'http_' + res.status,
+      err.message || 'The gateway answered HTTP ' + res.status, res.status);
+  }
+
+  // One verification attempt. `saved` is a session created earlier (resume after redirect).
+  function run(options, saved) {
+    const o = { gatewayUrl: '', veriphoneWindow: 'popup', pollInterval: 3000, ...options };
+    const base = String(o.gatewayUrl || '').replace(/\/$/, '');
+    const ctl = new AbortController();
+    const handle = { sessionId: saved ? saved.id : null, cancel: () => cleanup() };
+    let finished = false;
+    let es = null;
+    let timer = 0;
+    let popup = null;
+    let remembered = Boolean(saved);
+
+    function cleanup() {
+      finished = true;
+      clearTimeout(timer);
+      if (es) es.close();
+      ctl.abort();
+      if (popup && !popup.closed) popup.close();
+      if (remembered) storage(null);
+    }
+
+    function finish(outcome) {
+      if (finished || !outcome || !outcome.status) return;
+      cleanup();
+      call(o.onOutcome, outcome);
+      // Truecaller advises treating "no action before the timeout" like "no app": offer the
+      // alternate flow. The outcome is still delivered first so the page can record it.
+      if (outcome.status === 'expired') call(o.onFallback, 'expired');
+    }
+
+    function fail(err) {
+      if (finished) return;
+      cleanup();
+      call(o.onError, err);
+    }
+
+    function fallback(reason) {
+      if (finished) return;
+      cleanup();
+      call(o.onFallback, reason);
+    }
+
+    const snapshot = (snap) => {
+      if (snap && snap.status !== 'pending') finish(snap.outcome);
+    };
+
+    function subscribe(s) {
+      if (finished) return;
+      const statusUrl = base + s.status_url;
+      if (typeof EventSource !== 'function') return poll(statusUrl);
+      let errors = 0;
+      const toPolling = () => {
+        if (finished) return;
+        es.close();
+        es = null;
+        clearTimeout(timer);
+        poll(statusUrl);
+      };
+      es = new EventSource(base + s.stream_url);
+      timer = setTimeout(toPolling, FIRST_EVENT_MS);
+      const on = (type, fn) => es.addEventListener(type, (ev) => {
+        errors = 0;
+        clearTimeout(timer);
+        const data = parse(ev.data);
+        if (data && !finished) fn(data);
+      });
+      on('status', snapshot);
+      on('progress', (p) => p.stage && call(o.onProgress, p.stage));
+      // finish() closes the EventSource right here, before the server ends the stream,
+      // so the browser never schedules a reconnect.
+      on('outcome', finish);
+      es.onerror = () => {
+        // CLOSED means the browser gave up for good (HTTP error, wrong content type).
+        if (!finished && (es.readyState === 2 || ++errors >= MAX_STREAM_ERRORS)) toPolling();
+      };
+    }
+
+    const sleep = (ms) => new Promise((resolve) => { timer = setTimeout(resolve, Math.max(0, ms)); });
+
+    async function poll(url) {
+      const pollUrl = url + (url.includes('?') ? '&' : '?') + 'wait=' + LONG_POLL_WAIT;
+      let failures = 0;
+      while (!finished) {
+        const started = Date.now();
+        let delay;
+        try {
+          const res = await fetch(pollUrl, {
+            headers: { Accept: 'application/json' }, cache: 'no-store', signal: ctl.signal,
+          });
+          if (res.ok) {
+            failures = 0;
+            snapshot(await res.json());
+            // The server held the request until something changed or `wait` ran out, so
+            // normally go again at once; the floor only guards against a server that
+            // ignores `wait` and would otherwise be hammered.
+            delay = o.pollInterval - (Date.now() - started);
+          } else if (res.status < 500 && res.status !== 429) {
+            // 404 and friends: the session is gone and retrying cannot bring it back.
+            return fail(await errorFrom(res));
+          } else {
+            throw new GatewayError('http_' + res.status, 'Gateway unavailable', res.status);
+          }
+        } catch (e) {
+          if (finished) return;
+          if (++failures >= MAX_POLL_FAILURES) {
+            return fail(new GatewayError('network_error', 'Lost contact with the verification gateway'));
+          }
+          delay = Math.min(o.pollInterval * 2 ** failures, 30000);
+        }
+        await sleep(delay);
+      }
+    }
+
+    function launch(s) {
+      if (o.provider === 'truecaller') {
+        const link = s.truecaller && s.truecaller.deeplink;
+        if (!link) throw new Error('no Truecaller deep link in the gateway answer');
+        if (typeof o.openDeeplink === 'function') o.openDeeplink(link);
+        else window.location.href = link;
+        if (o.skipFocusCheck) return subscribe(s);
+        timer = setTimeout(() => {
+          if (document.hasFocus()) fallback('no_app');
+          else subscribe(s);
+        }, FOCUS_CHECK_MS);
+        return;
+      }
+      const url = s.veriphone && s.veriphone.redirect_url;
+      if (!url) throw new Error('no Veriph.One redirect URL in the gateway answer');
+      if (popup && !popup.closed) {
+        popup.location.href = url;
+      } else {
+        // No popup (blocked or not wanted): this page is about to unload, so leave enough
+        // behind for resume() on the page the flow returns to.
+        storage({ id: s.id, stream_url: s.stream_url, status_url: s.status_url, base });
+        remembered = true;
+        window.location.assign(url);
+      }
+      subscribe(s);
+    }
+
+    // Popup blockers only honour window.open() during the click that called start(), and
+    // the redirect URL is not known yet: open an empty window now and point it later.
+    if (!saved && o.provider === 'veriphone' && o.veriphoneWindow !== 'same') {
+      popup = window.open('', 'gateway-veriphone', 'popup,width=480,height=720');
+      // Sever window.opener so the provider's page can never navigate this one.
+      try { if (popup) popup.opener = null; } catch { /* already cross-origin: harmless */ }
+    }
+
+    async function create() {
+      let s;
+      try {
+        const body = { provider: o.provider };
+        if (o.phone) body.phone = o.phone;
+        if (o.userRef) body.user_ref = o.userRef;
+        const res = await fetch(base + '/v1/sessions', {
+          method: 'POST',
+          headers: { 'Content-Type': 'application/json', Accept: 'application/json' },
+          body: JSON.stringify(body),
+          signal: ctl.signal,
+        });
+        if (res.status !== 201) throw await errorFrom(res);
+        s = await res.json();
+      } catch (e) {
+        fail(e instanceof GatewayError ? e
+          : new GatewayError('network_error', 'Could not reach the verification gateway'));
+        return handle;
+      }
+      if (finished) return handle; // cancelled while the session was being created
+      handle.sessionId = s.id;
+      try {
+        launch(s);
+      } catch (e) {
+        fail(new GatewayError('client_error', String(e && e.message)));
+      }
+      return handle;
+    }
+
+    const ready = saved ? Promise.resolve(handle) : create();
+    if (saved) subscribe(saved);
+    // Errors reach onError, never a rejection; cancel() works before the promise settles.
+    ready.cancel = handle.cancel;
+    return ready;
+  }
+
+  window.GatewayVerify = Object.freeze({
+    start: (options) => run(options || {}),
+    // Continue a Veriph.One session started in this tab before the same-tab redirect.
+    // Returns a Promise of the handle, or null when there is nothing to resume.
+    resume: (options) => {
+      const saved = storage();
+      return saved && saved.id ? run({ ...options, gatewayUrl: saved.base }, saved) : null;
+    },
+    GatewayError,
+  });
+})();

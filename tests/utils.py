@@ -1,0 +1,130 @@
+"""Helpers for end-to-end tests: a real uvicorn gateway on a free loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from gateway.app import Gateway
+from gateway.cli import GatewayServer, build_server
+from gateway.config import Settings, settings_from_dict
+
+
+def merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def make_settings(db_path: Path | str, overrides: Mapping[str, Any] | None = None) -> Settings:
+    base: dict[str, Any] = {"database": {"path": str(db_path)}, "logging": {"format": "json"}}
+    return settings_from_dict(merge(base, overrides or {}))
+
+
+@dataclass
+class Running:
+    url: str
+    port: int
+    server: GatewayServer
+    gateway: Gateway
+    settings: Settings
+
+    def client(self, **kw: Any) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, timeout=10, **kw)
+
+
+def listening_socket() -> socket.socket:
+    """A bound, listening loopback socket: clients may connect before uvicorn accepts."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1024)
+    return sock
+
+
+@contextlib.asynccontextmanager
+async def run_gateway(settings: Settings) -> AsyncIterator[Running]:
+    """Serve `settings` with a real uvicorn on a free port for the duration of the block."""
+    sock = listening_socket()
+    port = sock.getsockname()[1]
+    server = build_server(settings, log_config=None)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    running = Running(f"http://127.0.0.1:{port}", port, server, server.config.app.state.gateway, settings)
+    try:
+        yield running
+    finally:
+        server.should_exit = True  # what SIGTERM does
+        await asyncio.wait_for(task, 15)
+        sock.close()
+
+
+class RawStream:
+    """Incremental reader of a streaming response's raw bytes."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._chunks = response.aiter_raw()
+        self.buf = b""
+        self.ended = False
+
+    async def until(self, marker: bytes, timeout: float = 5) -> bytes:
+        """Read until `marker` appears after what was already consumed; returns the new bytes."""
+
+        async def go() -> bytes:
+            while marker not in self.buf:
+                try:
+                    self.buf += await self._chunks.__anext__()
+                except StopAsyncIteration:
+                    self.ended = True
+                    break
+            head, sep, rest = self.buf.partition(marker)
+            if not sep:
+                self.buf = b""
+                return head
+            # keep the rest of the frame after the marker up to the blank line
+            end = rest.find(b"\n\n")
+            cut = len(head) + len(sep) + (end + 2 if end >= 0 else len(rest))
+            out, self.buf = self.buf[:cut], self.buf[cut:]
+            return out
+
+        return await asyncio.wait_for(go(), timeout)
+
+    async def rest(self, timeout: float = 5) -> bytes:
+        """Read to the end of the stream."""
+
+        async def go() -> bytes:
+            async for chunk in self._chunks:
+                self.buf += chunk
+            self.ended = True
+            out, self.buf = self.buf, b""
+            return out
+
+        return await asyncio.wait_for(go(), timeout)
+
+
+def parse_sse(raw: bytes) -> list[dict[str, str]]:
+    """Parse complete SSE events from raw bytes (comments kept as {'comment': ...})."""
+    events: list[dict[str, str]] = []
+    for block in raw.decode().replace("\r\n", "\n").split("\n\n"):
+        if not block.strip():
+            continue
+        ev: dict[str, str] = {}
+        for line in block.split("\n"):
+            if line.startswith(":"):
+                ev.setdefault("comment", line[1:].strip())
+                continue
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            ev[name] = ev[name] + "\n" + value if name in ev and name == "data" else value
+        events.append(ev)
+    return events
