@@ -15,6 +15,7 @@ from gateway import sse
 from gateway.broker import CLOSED
 from gateway.errors import BadRequest, Conflict, NotFound
 from gateway.jsonbody import read_json_object
+from gateway.providers.base import Prepared
 from gateway.sessions import PROVIDERS, Session, new_session_id
 from gateway.stream import EventStreamResponse
 
@@ -54,34 +55,44 @@ def parse_user_ref(value: object) -> str | None:
     return value
 
 
-async def create_session(request: Request) -> Response:
-    gw = gateway_of(request)
-    body = await read_json_object(request, fields=CREATE_FIELDS)
-    provider_name = body.get("provider")
+async def start_session(
+    gw: Gateway, provider_name: object, phone: object, user_ref: object, request: Request
+) -> tuple[Session, Prepared]:
+    """Validate, let the provider prepare, then store: the one way a session comes to exist."""
     if provider_name not in PROVIDERS:
         raise BadRequest("invalid_provider", 'provider must be "truecaller" or "veriphone"')
-    phone = parse_phone(body.get("phone"))
-    user_ref = parse_user_ref(body.get("user_ref"))
+    checked_phone = parse_phone(phone)
+    checked_user_ref = parse_user_ref(user_ref)
     provider = gw.providers.get(str(provider_name))
     if provider is None:
         raise Conflict("provider_disabled", f"the {provider_name} provider is disabled in this gateway's config")
     session_id = new_session_id()
-    prepared = await provider.prepare(session_id=session_id, phone=phone, user_ref=user_ref, request=request)
+    # The provider is called before the insert, so a provider failure leaves nothing stored.
+    prepared = await provider.prepare(
+        session_id=session_id, phone=checked_phone, user_ref=checked_user_ref, request=request
+    )
     session = await gw.sessions.create(
         session_id=session_id,
         provider=provider.name,
         ttl=prepared.ttl,
-        phone=phone,
-        user_ref=user_ref,
+        phone=checked_phone,
+        user_ref=checked_user_ref,
         provider_ref=prepared.provider_ref,
         provider_data=prepared.data,
     )
+    gw.metrics.session_created(provider.name)
+    return session, prepared
+
+
+async def create_session(request: Request) -> Response:
+    gw = gateway_of(request)
+    body = await read_json_object(request, fields=CREATE_FIELDS)
+    session, prepared = await start_session(gw, body.get("provider"), body.get("phone"), body.get("user_ref"), request)
     answer: dict[str, Any] = session.snapshot()
     del answer["outcome"], answer["updated_at"]
     answer["stream_url"] = f"/v1/sessions/{session.id}/events"
     answer["status_url"] = f"/v1/sessions/{session.id}"
-    answer[provider.name] = prepared.public
-    gw.metrics.session_created(provider.name)
+    answer[session.provider] = prepared.public
     return JSONResponse(answer, status_code=201, headers={"cache-control": "no-store"})
 
 
@@ -154,7 +165,8 @@ async def stream_session(request: Request) -> Response | EventStreamResponse:
         sub.close("done")
         raise
     settings = gw.settings.stream
-    parts = [sse.retry(settings.retry), sse.event("status", session.snapshot())]
+    # `retry:` rides on the status event: a block without data dispatches nothing in browsers
+    parts = [sse.event("status", session.snapshot(), retry=settings.retry)]
     last_sent = after
     finished = False
     for event in replay:

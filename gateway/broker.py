@@ -60,15 +60,16 @@ class Subscriber:
 
     async def wait(self, timeout: float) -> str:
         """Wait until an event is buffered, the subscriber is closed, or `timeout` seconds pass."""
+        if self.close_reason is not None:
+            return CLOSED  # what it missed is in the database; it reconnects
         if self._buffer:
             return "event"
-        if self.close_reason is not None:
-            return CLOSED
         loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
         self._timer = loop.call_later(max(timeout, 0.0), self._wake, TIMEOUT)
         try:
-            return await waiter
+            result: str = await waiter
+            return result
         finally:
             self._waiter = None
             if self._timer is not None:

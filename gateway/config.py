@@ -171,7 +171,9 @@ def load_settings(path: str | None = None, *, env: Mapping[str, str] | None = No
     return settings_from_dict(raw, source=source, env=env)
 
 
-def settings_from_dict(raw: Mapping[str, Any], *, source: str = "<dict>", env: Mapping[str, str] | None = None) -> Settings:
+def settings_from_dict(
+    raw: Mapping[str, Any], *, source: str = "<dict>", env: Mapping[str, str] | None = None
+) -> Settings:
     env = {} if env is None else env
     merged = _with_secrets(raw, env)
     settings = _build(Settings, merged, prefix="", source=source)
@@ -264,29 +266,53 @@ def _check(s: Settings) -> None:
     problems: list[tuple[str, bool, str, object]] = [
         ("server.port", 0 <= s.server.port <= 65535, "a port number 0-65535", s.server.port),
         ("server.host", bool(s.server.host.strip()), "a host name or address", s.server.host),
-        ("server.shutdown_timeout", 0 < s.server.shutdown_timeout <= 120, "seconds > 0 and <= 120",
-         s.server.shutdown_timeout),
+        (
+            "server.shutdown_timeout",
+            0 < s.server.shutdown_timeout <= 120,
+            "seconds > 0 and <= 120",
+            s.server.shutdown_timeout,
+        ),
         ("database.path", bool(s.database.path.strip()), "a file path (or :memory:)", s.database.path),
-        ("database.busy_timeout", 0 <= s.database.busy_timeout <= 600_000, "milliseconds 0-600000",
-         s.database.busy_timeout),
+        (
+            "database.busy_timeout",
+            0 <= s.database.busy_timeout <= 600_000,
+            "milliseconds 0-600000",
+            s.database.busy_timeout,
+        ),
         ("sessions.ttl", 1 <= s.sessions.ttl <= 86_400, "seconds from 1 to 86400", s.sessions.ttl),
-        ("sessions.retention", 0 <= s.sessions.retention <= 31_536_000, "seconds from 0 to 31536000",
-         s.sessions.retention),
-        ("stream.heartbeat", 0 < s.stream.heartbeat < s.stream.max_duration,
-         "seconds > 0 and below stream.max_duration", s.stream.heartbeat),
+        (
+            "sessions.retention",
+            0 <= s.sessions.retention <= 31_536_000,
+            "seconds from 0 to 31536000",
+            s.sessions.retention,
+        ),
+        (
+            "stream.heartbeat",
+            0 < s.stream.heartbeat < s.stream.max_duration,
+            "seconds > 0 and below stream.max_duration",
+            s.stream.heartbeat,
+        ),
         ("stream.retry", 0 <= s.stream.retry <= 3_600_000, "milliseconds 0-3600000", s.stream.retry),
-        ("stream.max_duration", 0 < s.stream.max_duration <= 86_400, "seconds > 0 and <= 86400",
-         s.stream.max_duration),
+        ("stream.max_duration", 0 < s.stream.max_duration <= 86_400, "seconds > 0 and <= 86400", s.stream.max_duration),
         ("stream.buffer", 2 <= s.stream.buffer <= 1024, "an integer 2-1024", s.stream.buffer),
         ("polling.max_wait", 0 <= s.polling.max_wait <= 300, "seconds 0-300", s.polling.max_wait),
-        ("logging.level", s.logging.level in ("debug", "info", "warning", "error"),
-         "one of debug, info, warning, error", s.logging.level),
-        ("logging.format", s.logging.format in ("auto", "json", "text"), "one of auto, json, text",
-         s.logging.format),
+        (
+            "logging.level",
+            s.logging.level in ("debug", "info", "warning", "error"),
+            "one of debug, info, warning, error",
+            s.logging.level,
+        ),
+        ("logging.format", s.logging.format in ("auto", "json", "text"), "one of auto, json, text", s.logging.format),
     ]
     for origin in s.server.cors_allow_origins:
-        problems.append(("server.cors_allow_origins", _is_origin(origin),
-                         'exact origins like "https://www.example.com" (never "*")', origin))
+        problems.append(
+            (
+                "server.cors_allow_origins",
+                _is_origin(origin),
+                'exact origins like "https://www.example.com" (never "*")',
+                origin,
+            )
+        )
     for proxy in s.server.trusted_proxies:
         problems.append(("server.trusted_proxies", _is_network(proxy), "IP addresses or CIDR networks", proxy))
 
@@ -300,19 +326,43 @@ def _check(s: Settings) -> None:
         (p + "privacy_url", tc.privacy_url == "" or _is_url(tc.privacy_url), "an http(s) URL", tc.privacy_url),
         (p + "terms_url", tc.terms_url == "" or _is_url(tc.terms_url), "an http(s) URL", tc.terms_url),
         (p + "partner_name", len(tc.partner_name) <= 100, "at most 100 characters", tc.partner_name),
-        (p + "login_prefix", tc.login_prefix in ("", *TRUECALLER_LOGIN_PREFIXES),
-         "empty or one of " + ", ".join(TRUECALLER_LOGIN_PREFIXES), tc.login_prefix),
-        (p + "login_suffix", tc.login_suffix in ("", *TRUECALLER_LOGIN_SUFFIXES),
-         "empty or one of " + ", ".join(TRUECALLER_LOGIN_SUFFIXES), tc.login_suffix),
-        (p + "cta_prefix", tc.cta_prefix in ("", *TRUECALLER_CTA_PREFIXES),
-         "empty or one of " + ", ".join(TRUECALLER_CTA_PREFIXES), tc.cta_prefix),
+        (
+            p + "login_prefix",
+            tc.login_prefix in ("", *TRUECALLER_LOGIN_PREFIXES),
+            "empty or one of " + ", ".join(TRUECALLER_LOGIN_PREFIXES),
+            tc.login_prefix,
+        ),
+        (
+            p + "login_suffix",
+            tc.login_suffix in ("", *TRUECALLER_LOGIN_SUFFIXES),
+            "empty or one of " + ", ".join(TRUECALLER_LOGIN_SUFFIXES),
+            tc.login_suffix,
+        ),
+        (
+            p + "cta_prefix",
+            tc.cta_prefix in ("", *TRUECALLER_CTA_PREFIXES),
+            "empty or one of " + ", ".join(TRUECALLER_CTA_PREFIXES),
+            tc.cta_prefix,
+        ),
         (p + "cta_color", tc.cta_color == "" or _is_colour(tc.cta_color), 'a colour like "#1a73e8"', tc.cta_color),
-        (p + "cta_text_color", tc.cta_text_color == "" or _is_colour(tc.cta_text_color), 'a colour like "#ffffff"',
-         tc.cta_text_color),
-        (p + "btn_shape", tc.btn_shape in ("", *TRUECALLER_BTN_SHAPES),
-         "empty or one of " + ", ".join(TRUECALLER_BTN_SHAPES), tc.btn_shape),
-        (p + "skip_option", tc.skip_option in ("", *TRUECALLER_SKIP_OPTIONS),
-         "empty or one of " + ", ".join(TRUECALLER_SKIP_OPTIONS), tc.skip_option),
+        (
+            p + "cta_text_color",
+            tc.cta_text_color == "" or _is_colour(tc.cta_text_color),
+            'a colour like "#ffffff"',
+            tc.cta_text_color,
+        ),
+        (
+            p + "btn_shape",
+            tc.btn_shape in ("", *TRUECALLER_BTN_SHAPES),
+            "empty or one of " + ", ".join(TRUECALLER_BTN_SHAPES),
+            tc.btn_shape,
+        ),
+        (
+            p + "skip_option",
+            tc.skip_option in ("", *TRUECALLER_SKIP_OPTIONS),
+            "empty or one of " + ", ".join(TRUECALLER_SKIP_OPTIONS),
+            tc.skip_option,
+        ),
         (p + "ttl", 0 <= tc.ttl <= 600_000, "milliseconds 0-600000 (0 = leave out)", tc.ttl),
     ]
     for host in tc.profile_hosts:
@@ -321,13 +371,15 @@ def _check(s: Settings) -> None:
     vp = s.providers.veriphone
     p = "providers.veriphone."
     problems += [
-        (p + "api_base", _is_url(vp.api_base) and not vp.api_base.endswith("/"),
-         "an http(s) base URL without trailing slash", vp.api_base),
+        (
+            p + "api_base",
+            _is_url(vp.api_base) and not vp.api_base.endswith("/"),
+            "an http(s) base URL without trailing slash",
+            vp.api_base,
+        ),
         (p + "http_timeout", 0 < vp.http_timeout <= 60, "seconds > 0 and <= 60", vp.http_timeout),
-        (p + "success_url", vp.success_url == "" or _is_url(vp.success_url), "an absolute http(s) URL",
-         vp.success_url),
-        (p + "failure_url", vp.failure_url == "" or _is_url(vp.failure_url), "an absolute http(s) URL",
-         vp.failure_url),
+        (p + "success_url", vp.success_url == "" or _is_url(vp.success_url), "an absolute http(s) URL", vp.success_url),
+        (p + "failure_url", vp.failure_url == "" or _is_url(vp.failure_url), "an absolute http(s) URL", vp.failure_url),
         (p + "locale", 2 <= len(vp.locale) <= 10, "a locale such as en or es", vp.locale),
     ]
     for key, ok, expected, got in problems:

@@ -25,9 +25,7 @@ async def read_body(request: Request, max_bytes: int = MAX_BODY) -> bytes:
     return bytes(body)
 
 
-async def read_json_object(
-    request: Request, *, fields: Collection[str], max_bytes: int = MAX_BODY
-) -> dict[str, Any]:
+async def read_json_object(request: Request, *, fields: Collection[str], max_bytes: int = MAX_BODY) -> dict[str, Any]:
     """The body as a JSON object whose keys are all in `fields`; 4xx ApiError otherwise."""
     media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media != "application/json":

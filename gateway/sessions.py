@@ -169,7 +169,9 @@ class Sessions:
         )
         return _event(row["id"], row["kind"], json.loads(row["data"])) if row else None
 
-    async def update_provider_data(self, session_id: str, changes: dict[str, Any], *, expires_at: float | None = None) -> bool:
+    async def update_provider_data(
+        self, session_id: str, changes: dict[str, Any], *, expires_at: float | None = None
+    ) -> bool:
         """Merge `changes` into a pending session's provider data (and move its deadline)."""
 
         def update(conn: sqlite3.Connection) -> bool:

@@ -13,19 +13,15 @@ from sse_starlette.event import ServerSentEvent
 SEP = "\n"
 
 
-def event(name: str, data: Any, *, id: str | None = None) -> bytes:
+def event(name: str, data: Any, *, id: str | None = None, retry: int | None = None) -> bytes:
     """One event frame; `data` is serialised as compact JSON (never contains a raw newline)."""
     payload = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
-    return ServerSentEvent(payload, event=name, id=id, sep=SEP).encode()
+    return ServerSentEvent(payload, event=name, id=id, retry=retry, sep=SEP).encode()
 
 
 def comment(text: str = "") -> bytes:
     """A comment line: ignored by EventSource, keeps proxies and NATs from timing the stream out."""
     return ServerSentEvent(comment=text, sep=SEP).encode()
-
-
-def retry(milliseconds: int) -> bytes:
-    return ServerSentEvent(retry=milliseconds, sep=SEP).encode()
 
 
 HEARTBEAT = b":\n\n"

@@ -152,7 +152,7 @@ class _Writer(threading.Thread):
                 conn.execute("SAVEPOINT w")
                 try:
                     value = fn(conn)
-                except Exception as exc:  # noqa: BLE001 - handed back to the caller
+                except Exception as exc:
                     conn.execute("ROLLBACK TO w")
                     conn.execute("RELEASE w")
                     results.append((fut, False, exc))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+
 from starlette.types import Receive, Scope, Send
 
 from gateway import sse

@@ -1,0 +1,116 @@
+"""The storage layer and the state machine, against a real SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from gateway.broker import Broker
+from gateway.outcome import Outcome
+from gateway.sessions import Sessions, new_session_id, public_ref
+from gateway.storage import Database, apply_migrations, migration_files
+
+
+@pytest.fixture
+async def sessions(db_path: Path) -> AsyncIterator[Sessions]:
+    db = Database(str(db_path))
+    await db.open()
+    try:
+        yield Sessions(db, Broker(16))
+    finally:
+        await db.close()
+
+
+def test_migrations_apply_once_and_record_themselves(db_path: Path) -> None:
+    names = [name for _, name, _ in migration_files()]
+    assert names and names[0] == "0001_sessions.sql"
+    assert apply_migrations(str(db_path)) == names
+    assert apply_migrations(str(db_path)) == []  # safe to run twice
+    conn = sqlite3.connect(db_path)
+    recorded = [r[0] for r in conn.execute("SELECT name FROM schema_migrations ORDER BY version")]
+    assert recorded == names
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_writer_uses_full_sync_and_wal(sessions: Sessions) -> None:
+    def pragmas(conn: sqlite3.Connection) -> tuple[int, str]:
+        return conn.execute("PRAGMA synchronous").fetchone()[0], conn.execute("PRAGMA journal_mode").fetchone()[0]
+
+    assert await sessions.db.write(pragmas) == (2, "wal")  # 2 = FULL
+
+
+async def test_a_failing_write_does_not_undo_its_neighbours(sessions: Sessions) -> None:
+    def boom(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "INSERT INTO sessions (id, provider, created_at, updated_at, expires_at) VALUES ('x', 'bad', 0,0,0)"
+        )
+
+    ok = [sessions.create(session_id=new_session_id(), provider="truecaller", ttl=60) for _ in range(5)]
+    results = await asyncio.gather(sessions.db.write(boom), *ok, return_exceptions=True)
+    assert isinstance(results[0], Exception)
+    rows = await sessions.db.fetchall("SELECT id FROM sessions")
+    assert len(rows) == 5
+
+
+async def test_exactly_one_of_many_racing_writers_wins(sessions: Sessions) -> None:
+    sid = new_session_id()
+    await sessions.create(session_id=sid, provider="truecaller", ttl=60)
+    sub = sessions.broker.subscribe(sid)
+    outcomes = [
+        Outcome("verified", phone="+15551234567"),
+        Outcome("rejected", "user_rejected"),
+        Outcome("failed", "provider_error"),
+        Outcome("expired", "timeout"),
+    ] * 25
+    wins = await asyncio.gather(*(sessions.finish(sid, o) for o in outcomes))
+    assert sum(wins) == 1
+    winner = outcomes[wins.index(True)]
+    session = await sessions.get(sid)
+    assert session is not None and session.status == winner.status and session.reason == winner.reason
+    events = await sessions.db.fetchall("SELECT kind FROM session_events WHERE session_id = ?", (sid,))
+    assert [e["kind"] for e in events] == ["outcome"]
+    published = sub.drain()
+    assert [e.kind for e in published] == ["outcome"]
+    # a terminal session never changes again, and takes no more progress
+    assert not await sessions.finish(sid, Outcome("failed", "provider_error"))
+    assert not await sessions.progress(sid, "flow_invoked")
+    after = await sessions.get(sid)
+    assert after is not None and after.outcome == session.outcome
+
+
+async def test_a_cancelled_caller_does_not_cut_a_finish_in_half(sessions: Sessions) -> None:
+    sid = new_session_id()
+    await sessions.create(session_id=sid, provider="veriphone", ttl=60)
+    sub = sessions.broker.subscribe(sid)
+    task = asyncio.ensure_future(sessions.finish(sid, Outcome("rejected", "user_cancelled")))
+    await asyncio.sleep(0)
+    task.cancel()
+    assert await asyncio.wait_for(sub.wait(5), 5) == "event"  # published anyway
+    session = await sessions.get(sid)
+    assert session is not None and session.status == "rejected"
+
+
+async def test_expiry_finishes_overdue_sessions_only(sessions: Sessions) -> None:
+    now = [1000.0]
+    sessions.clock = lambda: now[0]
+    old, fresh = new_session_id(), new_session_id()
+    await sessions.create(session_id=old, provider="truecaller", ttl=5)
+    await sessions.create(session_id=fresh, provider="truecaller", ttl=50)
+    now[0] += 10
+    assert await sessions.expire_due() == 1
+    expired = await sessions.get(old)
+    assert expired is not None and (expired.status, expired.reason) == ("expired", "timeout")
+    pending = await sessions.get(fresh)
+    assert pending is not None and pending.status == "pending"
+    assert await sessions.next_deadline() == pending.expires_at
+
+
+def test_ids_are_long_random_and_public_ref_hides_them() -> None:
+    ids = {new_session_id() for _ in range(1000)}
+    assert len(ids) == 1000 and all(len(i) >= 32 for i in ids)
+    sid = next(iter(ids))
+    assert sid not in public_ref(sid) and len(public_ref(sid)) == 16
