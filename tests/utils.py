@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import uvicorn
+from starlette.types import ASGIApp
 
 from gateway.app import Gateway
 from gateway.cli import GatewayServer, build_server
@@ -65,6 +68,22 @@ async def run_gateway(settings: Settings) -> AsyncIterator[Running]:
         yield running
     finally:
         server.should_exit = True  # what SIGTERM does
+        await asyncio.wait_for(task, 15)
+        sock.close()
+
+
+@contextlib.asynccontextmanager
+async def serve_app(app: ASGIApp) -> AsyncIterator[str]:
+    """Serve any ASGI app (e.g. a provider fake) with a real uvicorn on a free port; yields its base URL."""
+    sock = listening_socket()
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
         await asyncio.wait_for(task, 15)
         sock.close()
 
@@ -128,3 +147,42 @@ def parse_sse(raw: bytes) -> list[dict[str, str]]:
             ev[name] = ev[name] + "\n" + value if name in ev and name == "data" else value
         events.append(ev)
     return events
+
+
+# --- gateway processes (issue 7: the shutdown and zipapp tests run the real thing) ----------
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago, for a subprocess that binds it itself."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def to_toml(config: Mapping[str, Any]) -> str:
+    """Nested dicts of strings, numbers, booleans and lists as TOML (JSON scalars are valid TOML)."""
+    lines: list[str] = []
+
+    def table(prefix: str, node: Mapping[str, Any]) -> None:
+        scalars = {k: v for k, v in node.items() if not isinstance(v, Mapping)}
+        if prefix and scalars:
+            lines.append(f"[{prefix}]")
+        lines.extend(f"{key} = {json.dumps(value)}" for key, value in scalars.items())
+        for key, value in node.items():
+            if isinstance(value, Mapping):
+                table(f"{prefix}.{key}" if prefix else key, value)
+
+    table("", config)
+    return "\n".join(lines) + "\n"
+
+
+async def wait_ready(base_url: str, proc: asyncio.subprocess.Process, timeout: float = 20) -> None:
+    """Poll GET /readyz until 200, at most `timeout` s: a subprocess has no other readiness signal."""
+    async with asyncio.timeout(timeout), httpx.AsyncClient(base_url=base_url, timeout=2) as client:
+        while True:
+            if proc.returncode is not None:
+                raise AssertionError(f"the gateway exited with status {proc.returncode} before it was ready")
+            with contextlib.suppress(httpx.TransportError):
+                if (await client.get("/readyz")).status_code == 200:
+                    return
+            await asyncio.sleep(0.05)
