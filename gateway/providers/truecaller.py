@@ -1,21 +1,57 @@
-"""Truecaller mobile-web verification: the deep link, the server callback, the profile fetch."""
+"""Truecaller mobile-web verification: the deep link, the server callback, the profile fetch.
+
+A token callback is checked (endpoint host rules), stored durably with a conditional insert
+that only the first callback of a session wins, answered at once, and the profile is then
+fetched in a background task. The stored row lets a restarted gateway resume the fetch; it
+is deleted once the outcome is written. The access token is a secret: it is never logged.
+"""
 
 from __future__ import annotations
 
+import logging
 import secrets
-from typing import TYPE_CHECKING
+import sqlite3
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import quote
 
 from starlette.requests import Request
-from starlette.routing import BaseRoute
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
 
 from gateway.config import TruecallerConfig
+from gateway.errors import BadRequest, NotFound
+from gateway.jsonbody import read_json_object
+from gateway.outcome import FAILED, REJECTED, Outcome
 from gateway.providers.base import Prepared
+from gateway.providers.endpoint_guard import CheckedEndpoint, Resolver, check_endpoint
+from gateway.providers.truecaller_callback import (
+    FIELDS,
+    FLOW_INVOKED,
+    REJECTIONS,
+    StatusCallback,
+    TokenCallback,
+    loggable_status,
+    parse_callback,
+)
+from gateway.providers.truecaller_fetch import FetchDenied, FetchOk, FetchResult, fetch_profile
+from gateway.providers.truecaller_profile import decode_profile
+from gateway.sessions import Session, public_ref
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
+log = logging.getLogger("gateway.truecaller")
+
 DEEPLINK_BASE = "truecallersdk://truesdk/web_verify"
+CALLBACK_PATH = "/v1/callbacks/truecaller"
+TOKEN_LIFETIME = 600.0  # Truecaller access tokens live 10 minutes
+# The session outlives the token by this much, so the fetch (bounded by the token) always
+# writes its own outcome before the core expiry task could call it a timeout.
+EXPIRY_GRACE = 5.0
+# Truecaller wants an answer within 3 s; DNS is the only slow step before it.
+RESOLVE_TIMEOUT = 1.5
 
 
 def new_nonce() -> str:
@@ -55,6 +91,14 @@ class Truecaller:
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
         self.cfg = gw.settings.providers.truecaller
+        # Seams for tests and the sandbox: the DNS resolver of the endpoint check and the
+        # retry pace of the profile fetch (5xx backoff doubles from this many seconds).
+        self.resolve: Resolver | None = None
+        self.fetch_attempts = 4
+        self.fetch_backoff = 0.2
+        # Sessions whose fetch runs in this process; the durable insert already allows only
+        # one per session, this also covers a resume racing anything else in-process.
+        self._fetching: set[str] = set()
 
     async def prepare(
         self, *, session_id: str, phone: str | None, user_ref: str | None, request: Request
@@ -68,7 +112,225 @@ class Truecaller:
         )
 
     def routes(self) -> list[BaseRoute]:
-        return []
+        return [Route(CALLBACK_PATH, self.callback, methods=["POST"])]
 
     async def startup(self) -> None:
-        return None
+        """Resume profile fetches a stop or crash interrupted; drop rows of finished sessions."""
+        await self.gw.db.write(_delete_finished)
+        rows = await self.gw.db.fetchall(
+            "SELECT c.session_id, c.endpoint, c.access_token, c.token_expires_at, s.phone"
+            " FROM truecaller_callbacks c JOIN sessions s ON s.id = c.session_id WHERE s.status = 'pending'"
+        )
+        if rows:
+            log.info("resuming interrupted truecaller profile fetches", extra={"count": len(rows)})
+        for row in rows:
+            self._start_fetch(
+                row["session_id"], row["phone"], row["endpoint"], row["access_token"], row["token_expires_at"]
+            )
+
+    async def callback(self, request: Request) -> Response:
+        """`POST /v1/callbacks/truecaller`: Truecaller's server reports a token or a status."""
+        started = time.monotonic()
+        try:
+            body = await read_json_object(request, fields=FIELDS)
+            parsed = parse_callback(body)
+            session = await self.gw.sessions.get_by_ref(self.name, parsed.request_id)
+            if session is None or session.terminal:
+                raise NotFound("session_not_found", "no pending Truecaller session has this requestId")
+            if isinstance(parsed, StatusCallback):
+                return await self._on_status(session, parsed.status)
+            return await self._on_token(session, parsed)
+        finally:
+            self.gw.metrics.callback_seconds.labels(self.name).observe(time.monotonic() - started)
+
+    async def _on_status(self, session: Session, status: str) -> Response:
+        ref = public_ref(session.id)
+        shown = loggable_status(status)
+        if await self._has_token(session.id):
+            # The user already consented and the fetch owns the outcome; a late status must not race it.
+            log.info("truecaller status callback after the token: ignored", extra={"session": ref, "status": shown})
+            return _answer("ignored")
+        if status == FLOW_INVOKED:
+            await self.gw.sessions.progress(session.id, FLOW_INVOKED)
+        elif status in REJECTIONS:
+            await self.gw.sessions.finish(session.id, Outcome(REJECTED, status))
+        else:
+            log.info("truecaller status callback not handled", extra={"session": ref, "status": shown})
+            return _answer("ignored")
+        log.info("truecaller status callback", extra={"session": ref, "status": shown})
+        return _answer("accepted")
+
+    async def _on_token(self, session: Session, callback: TokenCallback) -> Response:
+        ref = public_ref(session.id)
+        try:
+            endpoint = await self._check(callback.endpoint)
+        except BadRequest:
+            self.gw.metrics.provider_errors.labels(self.name, "invalid_endpoint").inc()
+            log.warning("truecaller token callback refused: endpoint fails the host rules", extra={"session": ref})
+            raise
+        received = self.gw.sessions.clock()
+        token_expires_at = received + TOKEN_LIFETIME
+        stored = await self.gw.db.write(
+            _store_callback(session.id, endpoint.url, callback.access_token, received, token_expires_at)
+        )
+        if stored == "gone":
+            raise NotFound("session_not_found", "no pending Truecaller session has this requestId")
+        if stored == "repeat":
+            log.info("truecaller token callback repeated: ignored", extra={"session": ref})
+            return _answer("accepted")
+        moved = await self.gw.sessions.update_provider_data(
+            session.id, {"token_received_at": received}, expires_at=token_expires_at + EXPIRY_GRACE
+        )
+        if not moved:  # the session ended (expired) between the insert and now
+            await self._forget(session.id)
+            raise NotFound("session_not_found", "no pending Truecaller session has this requestId")
+        await self.gw.sessions.progress(session.id, "profile_fetching")
+        log.info("truecaller token callback accepted", extra={"session": ref})
+        self._start_fetch(session.id, session.phone, endpoint, callback.access_token, token_expires_at)
+        return _answer("accepted")
+
+    async def _check(self, url: str) -> CheckedEndpoint:
+        return await check_endpoint(
+            url,
+            allowed_hosts=self.cfg.profile_hosts,
+            require_https=self.cfg.require_https,
+            require_public_ip=self.cfg.require_public_ip,
+            resolve=self.resolve,
+            resolve_timeout=RESOLVE_TIMEOUT,
+        )
+
+    def _start_fetch(
+        self, session_id: str, phone: str | None, endpoint: CheckedEndpoint | str, token: str, token_expires_at: float
+    ) -> None:
+        if session_id in self._fetching:
+            return
+        self._fetching.add(session_id)
+        self.gw.spawn(
+            self._fetch(session_id, phone, endpoint, token, token_expires_at),
+            name=f"truecaller-fetch-{public_ref(session_id)}",
+        )
+
+    async def _fetch(
+        self, session_id: str, phone: str | None, endpoint: CheckedEndpoint | str, token: str, token_expires_at: float
+    ) -> None:
+        """Fetch, decode, finish, forget. Cancelled (shutdown) → the row stays for the next start."""
+        ref = public_ref(session_id)
+        try:
+            try:
+                outcome = await self._fetch_outcome(session_id, phone, endpoint, token, token_expires_at)
+            except Exception:
+                log.exception("truecaller profile fetch crashed", extra={"session": ref})
+                self.gw.metrics.provider_errors.labels(self.name, "bug").inc()
+                outcome = Outcome(FAILED, "provider_error")
+            await self.gw.sessions.finish(session_id, outcome)
+            await self._forget(session_id)
+        finally:
+            self._fetching.discard(session_id)
+
+    async def _fetch_outcome(
+        self, session_id: str, phone: str | None, endpoint: CheckedEndpoint | str, token: str, token_expires_at: float
+    ) -> Outcome:
+        ref = public_ref(session_id)
+        if isinstance(endpoint, str):
+            # Resumed after a restart: make sure the session outlives the fetch, and vet the
+            # stored URL again against today's config and DNS before the token goes anywhere.
+            await self.gw.sessions.update_provider_data(session_id, {}, expires_at=token_expires_at + EXPIRY_GRACE)
+            try:
+                endpoint = await self._check(endpoint)
+            except BadRequest:
+                self.gw.metrics.provider_errors.labels(self.name, "invalid_endpoint").inc()
+                log.warning("resumed truecaller fetch: endpoint now fails the host rules", extra={"session": ref})
+                return Outcome(FAILED, "provider_error")
+        remaining = token_expires_at - self.gw.sessions.clock()
+        if remaining <= 0:
+            # Decided: a token that expired while the gateway was down is our failure, not the
+            # user's inaction, so the outcome is provider_error rather than a later timeout.
+            self.gw.metrics.provider_errors.labels(self.name, "token_expired").inc()
+            log.warning("truecaller access token expired before the fetch", extra={"session": ref})
+            return Outcome(FAILED, "provider_error")
+        started = time.monotonic()
+        result = await fetch_profile(
+            self.gw.http,
+            endpoint,
+            token,
+            timeout=self.cfg.http_timeout,
+            deadline=started + remaining,
+            attempts=self.fetch_attempts,
+            backoff=self.fetch_backoff,
+        )
+        self.gw.metrics.fetch_seconds.labels(self.name, "profile").observe(time.monotonic() - started)
+        return self._decode(ref, result, phone)
+
+    def _decode(self, ref: str, result: FetchResult, phone: str | None) -> Outcome:
+        if isinstance(result, FetchOk):
+            outcome = decode_profile(result.profile, expected_phone=phone)
+            if outcome.reason == "provider_error":
+                self.gw.metrics.provider_errors.labels(self.name, "bad_profile").inc()
+            log.info(
+                "truecaller profile fetched",
+                extra={"session": ref, "attempts": result.attempts, "status": outcome.status, "reason": outcome.reason},
+            )
+            return outcome
+        if isinstance(result, FetchDenied):
+            self.gw.metrics.provider_errors.labels(self.name, "access_denied").inc()
+            log.warning(
+                "truecaller profile fetch denied",
+                extra={"session": ref, "attempts": result.attempts, "http_status": result.status_code},
+            )
+            return Outcome(FAILED, "access_denied")
+        self.gw.metrics.provider_errors.labels(self.name, result.detail).inc()
+        log.warning(
+            "truecaller profile fetch failed",
+            extra={
+                "session": ref,
+                "attempts": result.attempts,
+                "detail": result.detail,
+                "http_status": result.status_code,
+            },
+        )
+        return Outcome(FAILED, "provider_error")
+
+    async def _has_token(self, session_id: str) -> bool:
+        row = await self.gw.db.fetchone("SELECT 1 FROM truecaller_callbacks WHERE session_id = ?", (session_id,))
+        return row is not None
+
+    async def _forget(self, session_id: str) -> None:
+        def delete(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM truecaller_callbacks WHERE session_id = ?", (session_id,))
+
+        await self.gw.db.write(delete)
+
+
+StoreResult = Literal["stored", "repeat", "gone"]
+
+
+def _store_callback(
+    session_id: str, endpoint: str, token: str, received_at: float, token_expires_at: float
+) -> Callable[[sqlite3.Connection], StoreResult]:
+    """A write that stores the first token callback of a still-pending session."""
+
+    def store(conn: sqlite3.Connection) -> StoreResult:
+        # One statement decides: the session must be pending and have no callback yet, so of
+        # any number of racing callbacks exactly one is stored and goes on to fetch.
+        cur = conn.execute(
+            "INSERT INTO truecaller_callbacks (session_id, endpoint, access_token, received_at, token_expires_at)"
+            " SELECT id, ?, ?, ?, ? FROM sessions WHERE id = ? AND status = 'pending'"
+            " ON CONFLICT (session_id) DO NOTHING",
+            (endpoint, token, received_at, token_expires_at, session_id),
+        )
+        if cur.rowcount == 1:
+            return "stored"
+        pending = conn.execute("SELECT 1 FROM sessions WHERE id = ? AND status = 'pending'", (session_id,)).fetchone()
+        return "repeat" if pending else "gone"
+
+    return store
+
+
+def _delete_finished(conn: sqlite3.Connection) -> None:
+    conn.execute(
+        "DELETE FROM truecaller_callbacks WHERE session_id NOT IN (SELECT id FROM sessions WHERE status = 'pending')"
+    )
+
+
+def _answer(status: str) -> Response:
+    return JSONResponse({"status": status}, headers={"cache-control": "no-store"})

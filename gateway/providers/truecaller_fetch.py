@@ -60,7 +60,7 @@ async def fetch_profile(
     endpoint: CheckedEndpoint,
     access_token: str,
     *,
-    timeout: float,  # noqa: ASYNC109 - a per-attempt limit; the whole call is bounded by `deadline`
+    timeout: float,  # per attempt; the whole call is bounded by `deadline`
     deadline: float,
     max_bytes: int = 65536,
     attempts: int = 4,
