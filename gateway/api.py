@@ -11,13 +11,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from gateway import sse
 from gateway.broker import CLOSED
 from gateway.errors import BadRequest, Conflict, NotFound
 from gateway.jsonbody import read_json_object
 from gateway.providers.base import Prepared
 from gateway.sessions import PROVIDERS, Session, new_session_id
-from gateway.stream import EventStreamResponse
+from gateway.stream import PATH_TEMPLATE, EventStreamEndpoint
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -141,50 +140,6 @@ def _parse_wait(raw: str | None, cap: float) -> float:
     return min(wait, cap)
 
 
-async def stream_session(request: Request) -> Response | EventStreamResponse:
-    gw = gateway_of(request)
-    session_id = request.path_params["session_id"]
-    if not _SESSION_ID.match(session_id):
-        raise NotFound("session_not_found", "no session with this id")
-    last_event_id = request.headers.get("last-event-id", "").strip()
-    after = int(last_event_id) if last_event_id.isdigit() and len(last_event_id) < 19 else 0
-    # Subscribe first, then read: whatever is published after this point reaches the
-    # buffer, and anything also found in the database is dropped by event id.
-    sub = gw.broker.subscribe(session_id)
-    try:
-        session = await _load(gw, request)
-        replay = await gw.sessions.events_after(session_id, after)
-        if session.terminal and not any(e.kind == "outcome" for e in replay):
-            outcome = await gw.sessions.outcome_event(session_id)
-            if outcome is None or str(outcome.id) == last_event_id:
-                # The client already holds the outcome: 204 makes EventSource stop reconnecting.
-                sub.close("done")
-                return Response(status_code=204, headers={"cache-control": "no-store"})
-            replay = [outcome]
-    except BaseException:
-        sub.close("done")
-        raise
-    settings = gw.settings.stream
-    # `retry:` rides on the status event: a block without data dispatches nothing in browsers
-    parts = [sse.event("status", session.snapshot(), retry=settings.retry)]
-    last_sent = after
-    finished = False
-    for event in replay:
-        parts.append(event.frame)
-        last_sent = event.id
-        if event.kind == "outcome":
-            finished = True
-            break
-    return EventStreamResponse(
-        sub,
-        b"".join(parts),
-        last_sent=last_sent,
-        finished=finished,
-        heartbeat=settings.heartbeat,
-        max_duration=settings.max_duration,
-    )
-
-
 async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
@@ -200,11 +155,11 @@ async def readyz(request: Request) -> Response:
     return JSONResponse({"status": "ready"})
 
 
-def routes() -> list[BaseRoute]:
+def routes(gw: Gateway) -> list[BaseRoute]:
     return [
         Route("/v1/sessions", create_session, methods=["POST"]),
         Route("/v1/sessions/{session_id}", read_session, methods=["GET"]),
-        Route("/v1/sessions/{session_id}/events", stream_session, methods=["GET"]),
+        Route(PATH_TEMPLATE, EventStreamEndpoint(gw), methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
     ]

@@ -10,7 +10,7 @@ tasks, so an idle stream costs one coroutine frame chain and a few small objects
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 TIMEOUT = "timeout"
@@ -26,20 +26,30 @@ class Event:
 
 
 class Subscriber:
-    __slots__ = ("_broker", "_buffer", "_limit", "_timer", "_waiter", "close_reason", "session_id")
+    """One listener: a bounded buffer, and either a waiting future or an `on_wake` callback."""
+
+    __slots__ = ("_broker", "_buffer", "_limit", "_timer", "_waiter", "close_reason", "on_wake", "session_id")
 
     def __init__(self, broker: Broker, session_id: str, limit: int) -> None:
         self._broker = broker
         self.session_id = session_id
-        self._buffer: deque[Event] = deque()
+        self._buffer: list[Event] | None = None  # allocated on the first event: most wait idle
         self._limit = limit
         self._waiter: asyncio.Future[str] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.close_reason: str | None = None
+        # Called (synchronously, from publish or close) instead of waking a `wait`er.
+        self.on_wake: Callable[[], None] | None = None
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._buffer)
 
     def push(self, event: Event) -> None:
         if self.close_reason is not None:
             return
+        if self._buffer is None:
+            self._buffer = []
         if len(self._buffer) >= self._limit:
             self.close("overflow")
             return
@@ -54,9 +64,8 @@ class Subscriber:
         self._wake(CLOSED)
 
     def drain(self) -> list[Event]:
-        events = list(self._buffer)
-        self._buffer.clear()
-        return events
+        events, self._buffer = self._buffer, None
+        return events or []
 
     async def wait(self, timeout: float) -> str:
         """Wait until an event is buffered, the subscriber is closed, or `timeout` seconds pass."""
@@ -77,6 +86,9 @@ class Subscriber:
                 self._timer = None
 
     def _wake(self, why: str) -> None:
+        if self.on_wake is not None:
+            self.on_wake()
+            return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(why)

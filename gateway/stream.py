@@ -1,91 +1,244 @@
 """`GET /v1/sessions/{id}/events`: one session's status, progress and outcome as SSE.
 
-The response is a lean ASGI callable rather than a `StreamingResponse`: one coroutine per
-stream, one task watching for the client's disconnect, timers for heartbeat and deadline.
-No per-stream database polling: after the initial read, every event comes from the broker.
+Thousands of these wait at once, so an idle stream is kept small:
+- `EventStreamFastPath` answers the route before Starlette's router, exception and CORS
+  layers, whose suspended frames would otherwise be held by every waiting stream;
+- the request's own coroutine only awaits `receive()` (which returns on disconnect); events
+  and heartbeats are written by short-lived tasks started from broker and timer callbacks,
+  so an idle stream owns no extra task, just a subscriber and one timer handle;
+- nothing polls the database: after the first read, every event comes from the broker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
+from typing import TYPE_CHECKING, Any
 
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import sse
-from gateway.broker import CLOSED, TIMEOUT, Event, Subscriber
+from gateway.broker import Event, Subscriber
+from gateway.errors import StorageError
 
-HEADERS = [
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+PATH_TEMPLATE = "/v1/sessions/{session_id}/events"
+_PATH = re.compile(r"^/v1/sessions/([A-Za-z0-9_-]{16,64})/events$")
+_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-store"),
     (b"x-accel-buffering", b"no"),
 ]
+_NOT_FOUND = b'{"error":{"code":"session_not_found","message":"no session with this id"}}'
 
 
-class EventStreamResponse:
-    """Streams `first` at once, then live events from `subscriber` until the outcome."""
+class EventStreamEndpoint:
+    """The ASGI endpoint of the route; also reachable through the router (e.g. without the fast path)."""
 
-    def __init__(
-        self,
-        subscriber: Subscriber,
-        first: bytes,
-        *,
-        last_sent: int,
-        finished: bool,
-        heartbeat: float,
-        max_duration: float,
-    ) -> None:
-        self.subscriber = subscriber
-        self.first = first
-        self.last_sent = last_sent
-        self.finished = finished
-        self.heartbeat = heartbeat
-        self.max_duration = max_duration
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.allowed_origins = frozenset(o.encode() for o in gateway.settings.server.cors_allow_origins)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        sub = self.subscriber
-        watcher = asyncio.ensure_future(_wait_disconnect(receive))
-        watcher.add_done_callback(lambda _: sub.close("disconnect"))
-        try:
-            await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
-            await send({"type": "http.response.body", "body": self.first, "more_body": not self.finished})
-            if self.finished:
-                return
-            deadline = time.monotonic() + self.max_duration
-            while True:
-                left = deadline - time.monotonic()
-                why = await sub.wait(min(self.heartbeat, left))
-                if why == CLOSED:
-                    break
-                if why == TIMEOUT:
-                    if time.monotonic() >= deadline:
-                        break
-                    await send({"type": "http.response.body", "body": sse.HEARTBEAT, "more_body": True})
-                    continue
-                chunk, done = self._frames(sub.drain())
-                if chunk:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": not done})
-                if done:
-                    return
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            sub.close("done")
-            watcher.cancel()
-
-    def _frames(self, events: list[Event]) -> tuple[bytes, bool]:
-        parts: list[bytes] = []
-        for event in events:
-            if event.id <= self.last_sent:
-                continue  # already sent from the database replay
-            self.last_sent = event.id
-            parts.append(event.frame)
-            if event.kind == "outcome":
-                return b"".join(parts), True
-        return b"".join(parts), False
-
-
-async def _wait_disconnect(receive: Receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
+        match = _PATH.match(scope["path"])
+        session_id = match.group(1) if match else None
+        cors = self._cors_headers(scope)
+        if session_id is None:
+            await _json(send, 404, _NOT_FOUND, cors)
             return
+        await serve(self.gateway, session_id, scope, receive, send, cors)
+
+    def _cors_headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
+        """What Starlette's CORSMiddleware adds to a simple request: only for configured origins."""
+        for name, value in scope["headers"]:
+            if name == b"origin":
+                if value in self.allowed_origins:
+                    return [(b"access-control-allow-origin", value), (b"vary", b"Origin")]
+                break
+        return [(b"vary", b"Origin")] if self.allowed_origins else []
+
+
+class EventStreamFastPath:
+    """Middleware: send `GET …/events` straight to the endpoint, everything else on to `app`."""
+
+    def __init__(self, app: ASGIApp, endpoint: EventStreamEndpoint, route: object) -> None:
+        self.app = app
+        self.endpoint = endpoint
+        self.route = route
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET" and scope["path"].endswith("/events"):
+            if _PATH.match(scope["path"]):
+                scope["route"] = self.route  # for the access log's route template
+                await self.endpoint(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def serve(
+    gw: Gateway, session_id: str, scope: Scope, receive: Receive, send: Send, extra_headers: list[tuple[bytes, bytes]]
+) -> None:
+    last_event_id = _header(scope, b"last-event-id").strip()
+    after = int(last_event_id) if last_event_id.isdigit() and len(last_event_id) < 19 else 0
+    # Subscribe first, then read: whatever is published after this point reaches the
+    # buffer, and anything also found in the database is dropped by event id.
+    sub = gw.broker.subscribe(session_id)
+    try:
+        session = await gw.sessions.get(session_id)
+        if session is None:
+            sub.close("done")
+            await _json(send, 404, _NOT_FOUND, extra_headers)
+            return
+        replay = await gw.sessions.events_after(session_id, after)
+        if session.terminal and not any(e.kind == "outcome" for e in replay):
+            outcome = await gw.sessions.outcome_event(session_id)
+            if outcome is None or str(outcome.id) == last_event_id:
+                # The client already holds the outcome: 204 makes EventSource stop reconnecting.
+                sub.close("done")
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 204,
+                        "headers": [(b"cache-control", b"no-store"), *extra_headers],
+                    }
+                )
+                await send({"type": "http.response.body", "body": b""})
+                return
+            replay = [outcome]
+    except StorageError:
+        sub.close("done")
+        raise
+    settings = gw.settings.stream
+    # `retry:` rides on the status event: a block without data dispatches nothing in browsers.
+    parts = [sse.event("status", session.snapshot(), retry=settings.retry)]
+    last_sent = after
+    finished = False
+    for event in replay:
+        parts.append(event.frame)
+        last_sent = event.id
+        if event.kind == "outcome":
+            finished = True
+            break
+    await send({"type": "http.response.start", "status": 200, "headers": [*_HEADERS, *extra_headers]})
+    if finished:
+        sub.close("done")
+        await send({"type": "http.response.body", "body": b"".join(parts), "more_body": False})
+        return
+    stream = _LiveStream(send, sub, last_sent, settings.heartbeat, settings.max_duration)
+    await send({"type": "http.response.body", "body": b"".join(parts), "more_body": True})
+    del parts, replay, session
+    gw.metrics.open_streams.inc()
+    try:
+        await stream.run(receive)
+    finally:
+        gw.metrics.open_streams.dec()
+
+
+class _LiveStream:
+    """A stream after its first bytes: writes happen in callbacks, the request task waits for the end."""
+
+    __slots__ = ("_deadline", "_done", "_heartbeat", "_pending", "_send", "_sub", "_timer", "_writer", "last_sent")
+
+    def __init__(self, send: Send, sub: Subscriber, last_sent: int, heartbeat: float, max_duration: float) -> None:
+        self._send = send
+        self._sub = sub
+        self.last_sent = last_sent
+        self._heartbeat = heartbeat
+        self._deadline = time.monotonic() + max_duration
+        self._pending: list[Message] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._done = False
+
+    async def run(self, receive: Receive) -> None:
+        sub = self._sub
+        sub.on_wake = self._on_wake
+        self._arm()
+        try:
+            if sub.close_reason is not None or sub.pending:
+                self._on_wake()
+            # Returns on client disconnect, and once our final body is sent (uvicorn then
+            # reports the request as over), so this is the only thing an idle stream awaits.
+            while (await receive())["type"] != "http.disconnect":
+                pass
+        finally:
+            self._done = True
+            sub.on_wake = None
+            sub.close("done")
+            if self._timer is not None:
+                self._timer.cancel()
+            if self._writer is not None and not self._writer.done():
+                self._writer.cancel()
+
+    def _arm(self) -> None:
+        delay = min(self._heartbeat, self._deadline - time.monotonic())
+        self._timer = asyncio.get_running_loop().call_later(max(delay, 0.0), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if time.monotonic() >= self._deadline - 0.001:
+            self._write(b"", final=True)  # max_duration: end cleanly, the browser reconnects
+            return
+        self._write(sse.HEARTBEAT)
+        self._arm()
+
+    def _on_wake(self) -> None:
+        sub = self._sub
+        if sub.close_reason is not None:
+            self._write(b"", final=True)  # shutdown or a slow reader: end, the client reconnects
+            return
+        for event in sub.drain():
+            if self._take(event):
+                self._write(event.frame, final=event.kind == "outcome")
+                if event.kind == "outcome":
+                    return
+
+    def _take(self, event: Event) -> bool:
+        if event.id <= self.last_sent:
+            return False  # already sent from the database replay
+        self.last_sent = event.id
+        return True
+
+    def _write(self, chunk: bytes, *, final: bool = False) -> None:
+        if self._done:
+            return
+        if final:
+            self._done = True
+            self._sub.on_wake = None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        message: Message = {"type": "http.response.body", "body": chunk, "more_body": not final}
+        if self._pending is None:
+            self._pending = []
+        self._pending.append(message)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        # One writer at a time keeps frames in order even when the socket applies backpressure.
+        while self._pending:
+            batch, self._pending = self._pending, None
+            for message in batch:
+                await self._send(message)
+
+
+def _header(scope: Scope, name: bytes) -> str:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return ""
+
+
+async def _json(send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]]) -> None:
+    headers: list[Any] = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+        *extra,
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
