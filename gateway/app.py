@@ -19,6 +19,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from gateway import api
+from gateway.accesslog import AccessLog, route_template
 from gateway.broker import Broker
 from gateway.config import Settings
 from gateway.errors import ApiError
@@ -26,8 +27,10 @@ from gateway.metrics import Metrics
 from gateway.providers.base import Provider
 from gateway.providers.truecaller import Truecaller
 from gateway.providers.veriphone import Veriphone
+from gateway.retention import Retention
 from gateway.sessions import Sessions
 from gateway.storage import Database
+from gateway.stream import PATH_TEMPLATE, EventStreamFastPath
 
 log = logging.getLogger("gateway")
 
@@ -42,6 +45,8 @@ class Gateway:
         self.sessions = Sessions(self.db, self.broker)
         self.metrics = Metrics()
         self.sessions.on_outcome = self.metrics.outcome
+        self.db.on_write_seconds = self.metrics.db_write_seconds.observe  # issue 7: metrics
+        self.retention = Retention(self.db, settings.sessions.retention, clock=self.sessions.clock)  # issue 7
         self.http = httpx.AsyncClient(follow_redirects=False, trust_env=False)
         self.providers: dict[str, Provider] = {}
         if settings.providers.truecaller.enabled:
@@ -71,6 +76,7 @@ class Gateway:
     async def start(self) -> None:
         await self.db.open()
         self._expiry = asyncio.create_task(self.sessions.run_expiry(), name="expiry")
+        self._retention = asyncio.create_task(self.retention.run(), name="retention")  # issue 7
         for provider in self.providers.values():
             await provider.startup()
 
@@ -82,9 +88,10 @@ class Gateway:
                 task.cancel()
             if late:
                 log.warning("shutdown: %d background tasks did not finish in time", len(late))
-        self._expiry.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._expiry
+        for periodic in (self._expiry, self._retention):  # issue 7: retention joins expiry
+            periodic.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await periodic
         await self.http.aclose()
         await self.db.close()
 
@@ -106,7 +113,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
-    log.error("unhandled error on %s", request.url.path, exc_info=exc)
+    # The route template, never the path: it holds the session id (issue 7).
+    log.error("unhandled error on %s", route_template(request.scope), exc_info=exc)
     return JSONResponse(
         {"error": {"code": "internal_error", "message": "the gateway hit a bug; it has been logged"}},
         status_code=500,
@@ -130,7 +138,8 @@ def create_app(settings: Settings) -> Starlette:
         finally:
             await gateway.stop()
 
-    routes: list[BaseRoute] = api.routes()
+    routes: list[BaseRoute] = api.routes(gateway)
+    stream_route = next(r for r in routes if getattr(r, "path", None) == PATH_TEMPLATE)
     for provider in gateway.providers.values():
         routes += provider.routes()
     routes += [
@@ -138,6 +147,9 @@ def create_app(settings: Settings) -> Starlette:
         Mount("/static", StaticFiles(packages=[("gateway", "static")]), name="static"),
     ]
     middleware = [
+        Middleware(AccessLog),  # issue 7: outermost, so it also logs CORS preflights
+        # Idle streams must not hold the router's and CORS middleware's frames (issue 6).
+        Middleware(EventStreamFastPath, endpoint=stream_route.app, route=stream_route),  # type: ignore[attr-defined]
         Middleware(
             CORSMiddleware,
             allow_origins=list(settings.server.cors_allow_origins),

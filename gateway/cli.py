@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import logging
+import signal
 import socket
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from types import FrameType
 
 import uvicorn
 
@@ -32,6 +36,26 @@ class GatewayServer(uvicorn.Server):
                 hook()
         await super().shutdown(sockets)
 
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # Issue 7: uvicorn re-raises a captured SIGTERM after its graceful shutdown, so the process
+        # would die by the signal (status 143); the contract says a SIGTERM stop exits 0.
+        # A no-op handler installed around uvicorn's turns that re-raise into nothing.
+        if threading.current_thread() is not threading.main_thread():
+            with super().capture_signals():
+                yield
+            return
+        previous = signal.signal(signal.SIGTERM, _sigterm_after_shutdown)
+        try:
+            with super().capture_signals():
+                yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm_after_shutdown(sig: int, frame: FrameType | None) -> None:
+    """uvicorn's re-raised SIGTERM: the graceful shutdown already happened."""
+
 
 def build_server(settings: Settings, *, log_config: dict[str, object] | None = None) -> GatewayServer:
     from gateway.app import create_app
@@ -48,6 +72,8 @@ def build_server(settings: Settings, *, log_config: dict[str, object] | None = N
         timeout_graceful_shutdown=max(1, int(settings.server.shutdown_timeout)),
         server_header=False,
         proxy_headers=False,
+        # No WebSocket routes; uvicorn's WebSocket code would log raw request paths (issue 7).
+        ws="none",
     )
     return GatewayServer(config, [gateway.begin_shutdown])
 

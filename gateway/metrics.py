@@ -1,4 +1,14 @@
-"""Prometheus metrics, one registry per app (no module-level collectors)."""
+"""Prometheus metrics, one registry per app (no module-level collectors).
+
+Exported (the `_total` / `_bucket` suffixes are added by the exposition format):
+  gateway_sessions_created_total{provider}            api.create_session
+  gateway_outcomes_total{provider,status,reason}      Sessions.on_outcome
+  gateway_open_streams                                 set from the broker at scrape time
+  gateway_callback_seconds{provider}                   provider callback handlers
+  gateway_provider_fetch_seconds{provider,operation}   Truecaller profile / Veriph.One result fetches
+  gateway_provider_errors_total{provider,kind}         failed provider calls
+  gateway_db_write_seconds                             Database.on_write_seconds (queue → durable commit)
+"""
 
 from __future__ import annotations
 
@@ -14,12 +24,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.sessions_created = Counter(
-            "gateway_sessions_created", "Sessions created", ["provider"], registry=r
-        )
-        self.outcomes = Counter(
-            "gateway_outcomes", "Terminal outcomes", ["provider", "status", "reason"], registry=r
-        )
+        self.sessions_created = Counter("gateway_sessions_created", "Sessions created", ["provider"], registry=r)
+        self.outcomes = Counter("gateway_outcomes", "Terminal outcomes", ["provider", "status", "reason"], registry=r)
         self.open_streams = Gauge("gateway_open_streams", "SSE streams open now", registry=r)
         self.callback_seconds = Histogram(
             "gateway_callback_seconds", "Time to answer a provider callback", ["provider"], buckets=_FAST, registry=r
@@ -38,11 +44,27 @@ class Metrics:
             "gateway_db_write_seconds", "Time from queueing a write to its durable commit", buckets=_FAST, registry=r
         )
 
+        # Known series start at zero, so rate() and absent() work before the first event.
+        for provider in ("truecaller", "veriphone"):
+            self.sessions_created.labels(provider)
+            self.callback_seconds.labels(provider)
+        self.fetch_seconds.labels("truecaller", "profile")
+        self.fetch_seconds.labels("veriphone", "result")
+
     def session_created(self, provider: str) -> None:
         self.sessions_created.labels(provider).inc()
 
     def outcome(self, provider: str, status: str, reason: str | None) -> None:
         self.outcomes.labels(provider, status, reason or "").inc()
+
+    def callback_handled(self, provider: str, seconds: float) -> None:
+        self.callback_seconds.labels(provider).observe(seconds)
+
+    def fetched(self, provider: str, operation: str, seconds: float) -> None:
+        self.fetch_seconds.labels(provider, operation).observe(seconds)
+
+    def provider_error(self, provider: str, kind: str) -> None:
+        self.provider_errors.labels(provider, kind).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
