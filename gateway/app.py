@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from gateway import api
+from gateway import api, demo  # issue 5: demo
 from gateway.accesslog import AccessLog, route_template
 from gateway.broker import Broker
 from gateway.config import Settings
@@ -142,6 +142,14 @@ def create_app(settings: Settings) -> Starlette:
     stream_route = next(r for r in routes if getattr(r, "path", None) == PATH_TEMPLATE)
     for provider in gateway.providers.values():
         routes += provider.routes()
+    # issue 5: /demo only when enabled (ahead of /static, which must not serve the raw page);
+    # the fake providers only with --sandbox, imported lazily so production never loads them.
+    routes += demo.routes(settings)
+    if settings.sandbox:
+        from gateway.sandbox import sandbox_routes
+
+        routes += sandbox_routes(gateway)
+    # end issue 5
     routes += [
         Route("/metrics", _metrics, methods=["GET"]),
         Mount("/static", StaticFiles(packages=[("gateway", "static")]), name="static"),

@@ -106,13 +106,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     from gateway.logs import configure_logging
 
     configure_logging(settings.logging)
+    sockets: list[socket.socket] | None = None
     if settings.sandbox:
-        from gateway.sandbox import apply_sandbox
+        # issue 5: bind before building the app, so the sandbox's self-pointing URLs carry the
+        # real port (port 0 included); uvicorn then serves on this socket.
+        from gateway.sandbox import apply_sandbox, bind_socket
 
-        settings = apply_sandbox(settings)
+        try:
+            sockets = [bind_socket(settings.server.host, settings.server.port)]
+        except OSError as exc:
+            print(f"gateway: cannot listen on {settings.server.host}:{settings.server.port}: {exc}", file=sys.stderr)
+            return 1
+        settings = apply_sandbox(settings, sockets[0].getsockname()[:2])
     server = build_server(settings)
     try:
-        asyncio.run(server.serve())
+        asyncio.run(server.serve(sockets=sockets))
     except KeyboardInterrupt:  # pragma: no cover - second Ctrl+C
         return 130
     return 0 if server.started else 1

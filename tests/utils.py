@@ -186,3 +186,25 @@ async def wait_ready(base_url: str, proc: asyncio.subprocess.Process, timeout: f
                 if (await client.get("/readyz")).status_code == 200:
                     return
             await asyncio.sleep(0.05)
+
+
+# --- sandbox mode (issue 5) ----------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def run_sandbox_gateway(settings: Settings) -> AsyncIterator[Running]:
+    """Like `run_gateway`, in sandbox mode: the socket is bound first so the fakes know the real port."""
+    from gateway.sandbox import apply_sandbox
+
+    sock = listening_socket()
+    port = sock.getsockname()[1]
+    settings = apply_sandbox(settings, ("127.0.0.1", port))
+    server = build_server(settings, log_config=None)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    running = Running(f"http://127.0.0.1:{port}", port, server, server.config.app.state.gateway, settings)
+    try:
+        yield running
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 15)
+        sock.close()
