@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway import api, demo  # issue 5: demo
 from gateway.accesslog import AccessLog, route_template
@@ -30,7 +31,7 @@ from gateway.providers.veriphone import Veriphone
 from gateway.retention import Retention
 from gateway.sessions import Sessions
 from gateway.storage import Database
-from gateway.stream import PATH_TEMPLATE, EventStreamFastPath
+from gateway.stream import PATH_TEMPLATE, is_stream_request
 
 log = logging.getLogger("gateway")
 
@@ -127,6 +128,37 @@ async def _metrics(request: Request) -> Response:
     return Response(gw.metrics.render(), media_type=gw.metrics.content_type)
 
 
+class StreamDoor:
+    """Hands a stream request to its endpoint with the route set, as the router would."""
+
+    def __init__(self, route: Route) -> None:
+        self.route = route
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["route"] = self.route  # the access log names the route template, never the path
+        await self.route.app(scope, receive, send)
+
+
+class GatewayApp(Starlette):
+    """Starlette, except that `GET …/events` skips the error, CORS and router layers.
+
+    Thousands of streams wait at once; each layer they pass keeps a suspended frame alive
+    for the stream's whole life and costs CPU when it opens (issue 6). The endpoint answers
+    its own errors, CORS and 404s.
+    """
+
+    def __init__(self, stream_app: ASGIApp, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.stream_app = stream_app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if is_stream_request(scope):
+            scope["app"] = self
+            await self.stream_app(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings) -> Starlette:
     gateway = Gateway(settings)
 
@@ -139,7 +171,7 @@ def create_app(settings: Settings) -> Starlette:
             await gateway.stop()
 
     routes: list[BaseRoute] = api.routes(gateway)
-    stream_route = next(r for r in routes if getattr(r, "path", None) == PATH_TEMPLATE)
+    stream_route = next(r for r in routes if isinstance(r, Route) and r.path == PATH_TEMPLATE)
     for provider in gateway.providers.values():
         routes += provider.routes()
     # issue 5: /demo only when enabled (ahead of /static, which must not serve the raw page);
@@ -156,17 +188,16 @@ def create_app(settings: Settings) -> Starlette:
     ]
     middleware = [
         Middleware(AccessLog),  # issue 7: outermost, so it also logs CORS preflights
-        # Idle streams must not hold the router's and CORS middleware's frames (issue 6).
-        Middleware(EventStreamFastPath, endpoint=stream_route.app, route=stream_route),  # type: ignore[attr-defined]
         Middleware(
             CORSMiddleware,
             allow_origins=list(settings.server.cors_allow_origins),
             allow_methods=["GET", "POST"],
             allow_headers=["content-type", "last-event-id"],
             max_age=600,
-        )
+        ),
     ]
-    app = Starlette(
+    app = GatewayApp(
+        AccessLog(StreamDoor(stream_route)),
         routes=routes,
         middleware=middleware,
         lifespan=lifespan,

@@ -163,6 +163,18 @@ class Sessions:
         )
         return [_event(r["id"], r["kind"], json.loads(r["data"])) for r in rows]
 
+    async def get_with_events(self, session_id: str, after_id: int) -> tuple[Session | None, list[Event]]:
+        """The session and its events after `after_id`, in one query (a stream opens with this)."""
+        rows = await self.db.fetchall(
+            "SELECT s.*, e.id AS ev_id, e.kind AS ev_kind, e.data AS ev_data FROM sessions s"
+            " LEFT JOIN session_events e ON e.session_id = s.id AND e.id > ? WHERE s.id = ? ORDER BY e.id",
+            (after_id, session_id),
+        )
+        if not rows:
+            return None, []
+        events = [_event(r["ev_id"], r["ev_kind"], json.loads(r["ev_data"])) for r in rows if r["ev_id"] is not None]
+        return Session.from_row(rows[0]), events
+
     async def outcome_event(self, session_id: str) -> Event | None:
         row = await self.db.fetchone(
             "SELECT id, kind, data FROM session_events WHERE session_id = ? AND kind = 'outcome'", (session_id,)

@@ -1,8 +1,8 @@
 """`GET /v1/sessions/{id}/events`: one session's status, progress and outcome as SSE.
 
 Thousands of these wait at once, so an idle stream is kept small:
-- `EventStreamFastPath` answers the route before Starlette's router, exception and CORS
-  layers, whose suspended frames would otherwise be held by every waiting stream;
+- `app.GatewayApp` sends the route here before Starlette's error, CORS and router layers,
+  whose suspended frames would otherwise be held by every waiting stream;
 - the request's own coroutine only awaits `receive()` (which returns on disconnect); events
   and heartbeats are written by short-lived tasks started from broker and timer callbacks,
   so an idle stream owns no extra task, just a subscriber and one timer handle;
@@ -12,11 +12,12 @@ Thousands of these wait at once, so an idle stream is kept small:
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from typing import TYPE_CHECKING, Any
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from gateway import sse
 from gateway.broker import Event, Subscriber
@@ -33,6 +34,8 @@ _HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 _NOT_FOUND = b'{"error":{"code":"session_not_found","message":"no session with this id"}}'
+_UNAVAILABLE = b'{"error":{"code":"database_unavailable","message":"the database could not be read; retry"}}'
+log = logging.getLogger("gateway.stream")
 
 
 class EventStreamEndpoint:
@@ -61,21 +64,8 @@ class EventStreamEndpoint:
         return [(b"vary", b"Origin")] if self.allowed_origins else []
 
 
-class EventStreamFastPath:
-    """Middleware: send `GET …/events` straight to the endpoint, everything else on to `app`."""
-
-    def __init__(self, app: ASGIApp, endpoint: EventStreamEndpoint, route: object) -> None:
-        self.app = app
-        self.endpoint = endpoint
-        self.route = route
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "GET" and scope["path"].endswith("/events"):
-            if _PATH.match(scope["path"]):
-                scope["route"] = self.route  # for the access log's route template
-                await self.endpoint(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+def is_stream_request(scope: Scope) -> bool:
+    return scope["type"] == "http" and scope["method"] == "GET" and _PATH.match(scope["path"]) is not None
 
 
 async def serve(
@@ -87,12 +77,11 @@ async def serve(
     # buffer, and anything also found in the database is dropped by event id.
     sub = gw.broker.subscribe(session_id)
     try:
-        session = await gw.sessions.get(session_id)
+        session, replay = await gw.sessions.get_with_events(session_id, after)
         if session is None:
             sub.close("done")
             await _json(send, 404, _NOT_FOUND, extra_headers)
             return
-        replay = await gw.sessions.events_after(session_id, after)
         if session.terminal and not any(e.kind == "outcome" for e in replay):
             outcome = await gw.sessions.outcome_event(session_id)
             if outcome is None or str(outcome.id) == last_event_id:
@@ -109,8 +98,11 @@ async def serve(
                 return
             replay = [outcome]
     except StorageError:
+        # This route skips Starlette's error middleware, so it answers its own failures.
         sub.close("done")
-        raise
+        log.exception("stream could not read its session")
+        await _json(send, 503, _UNAVAILABLE, extra_headers)
+        return
     settings = gw.settings.stream
     # `retry:` rides on the status event: a block without data dispatches nothing in browsers.
     parts = [sse.event("status", session.snapshot(), retry=settings.retry)]
