@@ -1,0 +1,755 @@
+"""The benchmark orchestrator: starts the real gateway, the fake profile host and the load generators.
+
+Phases (each in a fresh gateway process with a fresh SQLite file unless said otherwise):
+
+1. For every N in --streams: create N sessions, open N idle streams (the `sample` streams
+   first, in the measuring worker), record RSS/PSS before and after, the open rate, the idle
+   CPU over --cpu-window s, the delivery latency callback → `outcome` on the sampled streams,
+   then close every stream and compare RSS with the pre-stream baseline (plus --leak-cycles
+   open/close rounds).
+2. Throughput: complete verifications/s with --concurrency workers over --duration s, then a
+   trivial Starlette JSON endpoint (same uvicorn settings) hit by the same client code.
+3. Polling vs SSE: --poll-sessions concurrent verifications each way, callback at a random
+   offset; time to outcome and requests per verification.
+4. Startup: spawn → /readyz 200 for every gateway started, plus a restart on the throughput
+   database; SIGTERM → exit for every stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import multiprocessing
+import os
+import re
+import signal
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from bench import procs
+from bench.loadgen import raise_nofile_limit, worker_main
+from bench.procs import BenchError, Service
+
+REPO = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+
+
+@dataclass
+class Options:
+    streams: list[int] = field(default_factory=lambda: [1000, 10000])
+    sample: int = 200
+    concurrency: int = 32
+    duration: float = 10.0
+    warmup: float = 1.0
+    cpu_window: float = 30.0
+    heartbeat: float = 15.0
+    open_concurrency: int = 256  # in-flight stream opens, over all workers
+    create_concurrency: int = 64  # in-flight session creations, over all workers
+    poll_sessions: int = 20
+    poll_interval: float = 3.0
+    poll_offset_max: float = 3.0
+    leak_cycles: int = 2
+    max_per_process: int = 4000
+    out: Path = Path("bench/results/latest.json")
+    profile: bool = False
+    memory_profile: bool = False
+    phases: tuple[str, ...] = ("streams", "throughput", "polling")
+    switch_interval: float | None = None  # run the gateway with sys.setswitchinterval(this)
+    quiet: bool = False
+
+
+def log(opts: Options, message: str) -> None:
+    if not opts.quiet:
+        print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def pct(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100), nearest-rank."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"n": 0}
+    return {
+        "n": len(values),
+        "mean": statistics.fmean(values),
+        "p50": pct(values, 50),
+        "p90": pct(values, 90),
+        "p99": pct(values, 99),
+        "max": max(values),
+        "min": min(values),
+    }
+
+
+def split(total: int, parts: int) -> list[int]:
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+# -- worker pool ------------------------------------------------------------------------------
+class Pool:
+    """Load-generator processes (spawn), each answering one command at a time over a pipe."""
+
+    def __init__(self, size: int) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.pipes: list[Connection] = []
+        self.procs: list[multiprocessing.process.BaseProcess] = []
+        for i in range(size):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=worker_main, args=(child, i), name=f"bench-loadgen-{i}", daemon=True)
+            proc.start()
+            child.close()
+            self.pipes.append(parent)
+            self.procs.append(proc)
+
+    @property
+    def size(self) -> int:
+        return len(self.pipes)
+
+    def send(self, i: int, op: str, **args: Any) -> None:
+        self.pipes[i].send({"op": op, **args})
+
+    def recv(self, i: int, timeout: float = 600.0) -> dict[str, Any]:
+        if not self.pipes[i].poll(timeout):
+            raise BenchError(f"load generator {i} did not answer within {timeout:.0f} s")
+        reply: dict[str, Any] = self.pipes[i].recv()
+        if "error" in reply:
+            raise BenchError(f"load generator {i}: {reply['error']}\n{reply.get('traceback', '')}")
+        return reply
+
+    def call(self, commands: dict[int, dict[str, Any]], timeout: float = 600.0) -> dict[int, dict[str, Any]]:
+        for i, command in commands.items():
+            self.send(i, **command)
+        return {i: self.recv(i, timeout) for i in commands}
+
+    def all(self, op: str, timeout: float = 600.0, **args: Any) -> dict[int, dict[str, Any]]:
+        return self.call({i: {"op": op, **args} for i in range(self.size)}, timeout)
+
+    def close(self) -> None:
+        for pipe in self.pipes:
+            with contextlib.suppress(OSError, ValueError):
+                pipe.send({"op": "exit"})
+        deadline = time.monotonic() + 5
+        for proc in self.procs:
+            proc.join(max(0.1, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(2)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(2)
+        for pipe in self.pipes:
+            pipe.close()
+
+
+# -- services ----------------------------------------------------------------------------------
+def _env_with_repo() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def gateway_config(db: Path, port: int, fake_port: int, opts: Options) -> str:
+    return f"""# written by `python -m bench`
+[server]
+host = "{HOST}"
+port = {port}
+
+[database]
+path = "{db}"
+
+[sessions]
+ttl = 86400
+
+[stream]
+heartbeat = {opts.heartbeat}
+max_duration = 86400
+
+[logging]
+level = "warning"
+format = "json"
+
+[providers.truecaller]
+# a Truecaller session lives min(sessions.ttl, callback_timeout); 600 is the most allowed
+callback_timeout = 600
+require_https = false
+require_public_ip = false
+profile_hosts = ["{HOST}:{fake_port}"]
+
+[providers.veriphone]
+enabled = false
+"""
+
+
+class Bench:
+    def __init__(self, opts: Options, tmp: Path, stack: contextlib.ExitStack) -> None:
+        self.opts = opts
+        self.tmp = tmp
+        self.stack = stack
+        self.results_dir = opts.out.parent
+        self.startups: list[float] = []
+        self.shutdowns: list[dict[str, Any]] = []
+        self.profiles: dict[str, Any] = {}
+        self.fake: Service | None = None
+        self.pool: Pool | None = None
+        self.gateway_loop = "unknown"
+        self.databases: dict[str, Path] = {}
+
+    # services
+    def start_fake(self) -> Service:
+        port = procs.free_port()
+        svc = Service(
+            "fake-profile-host",
+            procs.python_argv("-m", "bench.fake_profile", "--port", str(port)),
+            port,
+            self.tmp / "fake.log",
+        )
+        svc.start(self.tmp, _env_with_repo())
+        self.stack.callback(svc.stop)
+        svc.wait_ready()
+        return svc
+
+    @property
+    def endpoint(self) -> str:
+        assert self.fake is not None
+        return f"http://{HOST}:{self.fake.port}/v1/default"
+
+    def start_gateway(self, name: str, *, db: Path | None = None, traced: Path | None = None) -> Service:
+        assert self.fake is not None
+        work = self.tmp / name
+        work.mkdir(exist_ok=True)
+        db = db or work / "gateway.db"
+        port = procs.free_port()
+        config = work / "config.toml"
+        config.write_text(gateway_config(db, port, self.fake.port, self.opts))
+        runner: list[str] = []
+        if traced is not None:
+            runner += ["--tracemalloc", str(traced)]
+        if self.opts.switch_interval is not None:
+            runner += ["--switch-interval", str(self.opts.switch_interval)]
+        if runner:
+            argv = procs.python_argv("-m", "bench.gateway_runner", *runner, "--", "serve", "--config", str(config))
+            env = _env_with_repo()
+        else:
+            argv = procs.python_argv("-m", "gateway", "serve", "--config", str(config))
+            env = None
+        svc = Service(f"gateway[{name}]", argv, port, work / "gateway.log")
+        self.databases[svc.name] = db
+        svc.start(work, env)
+        self.stack.callback(svc.stop)
+        svc.wait_ready()
+        if traced is None:
+            self.startups.append(svc.ready_after)
+            self.gateway_loop = procs.event_loop_of(svc.pid)
+        return svc
+
+    def stop_gateway(self, svc: Service, label: str) -> None:
+        svc.stop()
+        self.shutdowns.append({"phase": label, "seconds": svc.stop_seconds, "exit_code": svc.exit_code})
+        if svc.exit_code != 0:
+            log(self.opts, f"WARNING: {svc.name} exited with {svc.exit_code}:\n{svc.log_tail()}")
+
+    def open_streams_on_server(self, svc: Service) -> int:
+        status, body = procs.http_get(svc.port, "/metrics")
+        match = re.search(rb"^gateway_open_streams(?:\{\})? ([0-9.e+]+)$", body, re.M)
+        if status != 200 or match is None:
+            return -1
+        return int(float(match.group(1)))
+
+    def wait_open_streams(self, svc: Service, want: int, timeout: float = 30.0) -> int:
+        deadline = time.monotonic() + timeout
+        while True:
+            seen = self.open_streams_on_server(svc)
+            if seen == want or time.monotonic() > deadline:
+                return seen
+            time.sleep(0.1)
+
+    def profiler(self, svc: Service, label: str, gil: bool = False) -> Any:
+        if not self.opts.profile:
+            return None
+        from bench.pyspy import Profiler
+
+        self.results_dir.mkdir(parents=True, exist_ok=True)
+        return Profiler(svc.pid, self.results_dir / f"profile-{label}.txt", gil=gil)
+
+    def finish_profile(self, profiler: Any, label: str) -> None:
+        if profiler is not None:
+            self.profiles[label] = profiler.stop()
+
+    # phases
+    def streams_phase(self, n: int) -> dict[str, Any]:
+        opts, pool = self.opts, self.pool
+        assert pool is not None
+        largest = n == max(opts.streams)
+        svc = self.start_gateway(f"streams-{n}")
+        pid = svc.pid
+        pool.all("target", host=HOST, port=svc.port)
+        result: dict[str, Any] = {"n": n, "gateway_ready_s": svc.ready_after}
+        mem: dict[str, Any] = {"fresh": procs.memory(pid)}
+
+        sample = min(opts.sample, n)
+        hold = n - sample
+        workers = list(range(pool.size))
+        log(opts, f"N={n}: creating {n} sessions")
+        if sample:
+            pool.call({0: {"op": "create", "count": sample, "concurrency": 8, "tag": "sample"}})
+        shares = split(hold, pool.size)
+        per_worker = max(1, opts.create_concurrency // pool.size)
+        replies = pool.call(
+            {i: {"op": "create", "count": shares[i], "concurrency": per_worker, "tag": "hold"} for i in workers}
+        )
+        created = sum(r["created"] for r in replies.values())
+        errors = sum(r["errors"] for r in replies.values())
+        span = max(r["t1"] for r in replies.values()) - min(r["t0"] for r in replies.values())
+        result["create"] = {
+            "sessions": created + sample,
+            "errors": errors,
+            "first_error": next((r["first_error"] for r in replies.values() if r["first_error"]), None),
+            "sessions_per_s": created / span if span > 0 else float("nan"),
+        }
+        if created != hold:
+            raise BenchError(f"N={n}: created {created} of {hold} sessions: {result['create']['first_error']}")
+        time.sleep(0.5)
+        mem["sessions"] = procs.memory(pid)
+
+        log(opts, f"N={n}: opening {n} streams")
+        if sample:
+            r = pool.call({0: {"op": "open", "concurrency": 8, "tag": "sample", "keep_data": True}})[0]
+            if r["opened"] != sample:
+                raise BenchError(f"N={n}: opened {r['opened']} of {sample} sample streams: {r['first_error']}")
+        profiler = self.profiler(svc, f"open-{n}") if largest else None
+        gil_profiler = self.profiler(svc, f"open-{n}-gil", gil=True) if largest else None
+        per_worker = max(1, opts.open_concurrency // pool.size)
+        replies = pool.call(
+            {i: {"op": "open", "concurrency": per_worker, "tag": "hold", "keep_data": False} for i in workers}
+        )
+        self.finish_profile(profiler, f"open-{n}")
+        self.finish_profile(gil_profiler, f"open-{n}-gil")
+        opened = sum(r["opened"] for r in replies.values())
+        span = max(r["t1"] for r in replies.values()) - min(r["t0"] for r in replies.values())
+        open_ms = [t for r in replies.values() for t in r["open_ms"]]
+        result["open"] = {
+            "streams": opened + sample,
+            "errors": sum(r["errors"] for r in replies.values()),
+            "first_error": next((r["first_error"] for r in replies.values() if r["first_error"]), None),
+            "seconds": span,
+            "streams_per_s": opened / span if span > 0 else float("nan"),
+            "connect_to_status_ms": summary(open_ms),
+            "loadgen_cpu_s": sum(r["cpu_s"] for r in replies.values()),
+            "loadgen_processes": pool.size,
+        }
+        if opened != hold:
+            raise BenchError(f"N={n}: opened {opened} of {hold} streams: {result['open']['first_error']}")
+        result["server_open_streams"] = self.wait_open_streams(svc, n, timeout=10)
+        time.sleep(1.0)
+        mem["streams"] = procs.memory(pid)
+        result["fds"] = procs.open_fds(pid)
+        result["threads"] = procs.threads(pid)
+        d_rss = mem["streams"]["rss_kib"] - mem["sessions"]["rss_kib"]
+        result["kib_per_stream"] = d_rss / n
+        if mem["streams"]["pss_kib"] is not None and mem["sessions"]["pss_kib"] is not None:
+            result["pss_kib_per_stream"] = (mem["streams"]["pss_kib"] - mem["sessions"]["pss_kib"]) / n
+
+        # idle CPU
+        log(opts, f"N={n}: idle CPU window {opts.cpu_window:.0f} s")
+        hb0 = sum(r["heartbeats"] for r in pool.all("stats").values())
+        profiler = self.profiler(svc, f"idle-{n}") if largest else None
+        meter = procs.CpuMeter(pid)
+        meter.start()
+        time.sleep(opts.cpu_window)
+        idle = meter.stop()
+        self.finish_profile(profiler, f"idle-{n}")
+        stats = pool.all("stats")
+        result["idle_cpu"] = {
+            **idle,
+            "heartbeats_received": sum(r["heartbeats"] for r in stats.values()) - hb0,
+            "heartbeat_interval_s": opts.heartbeat,
+        }
+        mem["after_idle"] = procs.memory(pid)
+
+        # delivery latency on the sampled streams
+        if sample:
+            log(opts, f"N={n}: delivery latency on {sample} sampled streams")
+            r = pool.call(
+                {0: {"op": "probe", "tag": "sample", "endpoint": self.endpoint, "gap": 0.01, "concurrency": 1}}
+            )[0]
+            rows = r["rows"]
+            result["latency"] = {
+                "samples": len(rows),
+                "errors": r["errors"],
+                "first_error": r["first_error"],
+                "open_streams_during": n,
+                "e2e_ms": summary([x["e2e"] for x in rows]),
+                "callback_answer_ms": summary([x["answer"] for x in rows]),
+                "progress_event_ms": summary([x["progress"] for x in rows if x["progress"] == x["progress"]]),
+                "push_lag_ms": summary([x["push_lag"] for x in rows if x["push_lag"] == x["push_lag"]]),
+            }
+        stats = pool.all("stats")
+        result["holder_streams_alive_before_close"] = sum(r["alive"] for r in stats.values())
+
+        # close, leak check
+        log(opts, f"N={n}: closing streams (leak check)")
+        pool.all("close")
+        result["server_open_streams_after_close"] = self.wait_open_streams(svc, 0)
+        time.sleep(1.0)
+        mem["closed"] = procs.memory(pid)
+        cycles = []
+        for _ in range(opts.leak_cycles):
+            replies = pool.all("open", concurrency=per_worker, tag="hold", keep_data=False)
+            reopened = sum(r["opened"] for r in replies.values())
+            pool.all("close")
+            self.wait_open_streams(svc, 0)
+            time.sleep(1.0)
+            cycles.append({"reopened": reopened, **procs.memory(pid)})
+        mem["reopen_cycles"] = cycles
+        result["memory"] = mem
+        base = mem["sessions"]["rss_kib"]
+        result["leak"] = {
+            "rss_before_streams_kib": base,
+            "rss_after_close_kib": mem["closed"]["rss_kib"],
+            "delta_after_close_kib": mem["closed"]["rss_kib"] - base,
+            "delta_after_cycles_kib": [c["rss_kib"] - base for c in cycles],
+            "growth_per_cycle_kib": (cycles[-1]["rss_kib"] - mem["closed"]["rss_kib"]) / len(cycles)
+            if cycles
+            else None,
+        }
+        self.stop_gateway(svc, f"streams-{n}")
+        return result
+
+    def memory_profile_phase(self, n: int) -> dict[str, Any]:
+        """Where the per-stream memory goes: tracemalloc diff (source lines) and object counts."""
+        opts, pool = self.opts, self.pool
+        assert pool is not None
+        snaps = self.tmp / "snapshots"
+        snaps.mkdir(exist_ok=True)
+        svc = self.start_gateway("memory-profile", traced=snaps)
+        pool.all("target", host=HOST, port=svc.port)
+
+        def snapshot(k: int) -> None:
+            os.kill(svc.pid, signal.SIGUSR1)
+            deadline = time.monotonic() + 120
+            while not (snaps / f"done-{k}").exists():
+                if time.monotonic() > deadline:
+                    raise BenchError("the traced gateway wrote no snapshot")
+                time.sleep(0.1)
+
+        log(opts, f"memory profile: N={n} streams on a gateway under tracemalloc")
+        shares = split(n, pool.size)
+        pool.call({i: {"op": "create", "count": shares[i], "concurrency": 16, "tag": "hold"} for i in range(pool.size)})
+        time.sleep(0.5)
+        snapshot(0)
+        pool.call({i: {"op": "open", "concurrency": 64, "tag": "hold", "keep_data": False} for i in range(pool.size)})
+        opened = self.wait_open_streams(svc, n)
+        time.sleep(1.0)
+        snapshot(1)
+        pool.all("close")
+        self.wait_open_streams(svc, 0)
+        time.sleep(1.0)
+        snapshot(2)
+        self.stop_gateway(svc, "memory-profile")
+        snap = [tracemalloc.Snapshot.load(str(snaps / f"snap-{k}.pickle")) for k in range(3)]
+        types = [json.loads((snaps / f"types-{k}.json").read_text()) for k in range(3)]
+
+        def lines(after: tracemalloc.Snapshot, before: tracemalloc.Snapshot) -> tuple[float, list[dict[str, Any]]]:
+            diff = after.compare_to(before, "lineno")
+            rows = [
+                {
+                    "where": f"{_short(d.traceback[0].filename)}:{d.traceback[0].lineno}",
+                    "bytes_per_stream": d.size_diff / n,
+                    "blocks_per_stream": d.count_diff / n,
+                }
+                for d in diff[:25]
+                if d.size_diff
+            ]
+            return sum(d.size_diff for d in diff) / n, rows
+
+        def objects(after: dict[str, int], before: dict[str, int]) -> list[tuple[str, float]]:
+            per = sorted(
+                ((k, (after.get(k, 0) - before.get(k, 0)) / n) for k in set(before) | set(after)),
+                key=lambda kv: -abs(kv[1]),
+            )
+            return [(k, v) for k, v in per[:25] if abs(v) > 0.01]
+
+        open_bytes, open_lines = lines(snap[1], snap[0])
+        kept_bytes, kept_lines = lines(snap[2], snap[0])
+        return {
+            "n": n,
+            "open_streams": opened,
+            "traced_bytes_per_stream": open_bytes,
+            "top_lines": open_lines,
+            "objects_per_stream": objects(types[1], types[0]),
+            "after_close": {
+                "traced_bytes_per_stream": kept_bytes,
+                "top_lines": kept_lines[:10],
+                "objects_per_stream": objects(types[2], types[0])[:10],
+            },
+        }
+
+    def throughput_phase(self) -> tuple[dict[str, Any], Service]:
+        opts, pool = self.opts, self.pool
+        assert pool is not None and self.fake is not None
+        svc = self.start_gateway("throughput")
+        pid = svc.pid
+        procs_used = min(2, pool.size)
+        lanes = split(opts.concurrency, procs_used)
+        for i in range(procs_used):
+            pool.call({i: {"op": "target", "host": HOST, "port": svc.port}})
+        served0 = json.loads(procs.http_get(self.fake.port, "/bench/stats")[1])["served"]
+        log(opts, f"throughput: {opts.concurrency} workers, {opts.duration:.0f} s (+{opts.warmup:.0f} s warm-up)")
+        start_at = time.monotonic() + 0.5
+        for i in range(procs_used):
+            pool.send(
+                i,
+                "flow",
+                workers=lanes[i],
+                start_at=start_at,
+                warmup=opts.warmup,
+                duration=opts.duration,
+                endpoint=self.endpoint,
+            )
+        profiler = self.profiler(svc, "throughput")
+        gil_profiler = self.profiler(svc, "throughput-gil", gil=True)
+        cpu = self._cpu_during(pid, start_at + opts.warmup, opts.duration)
+        replies = {i: pool.recv(i) for i in range(procs_used)}
+        self.finish_profile(profiler, "throughput")
+        self.finish_profile(gil_profiler, "throughput-gil")
+        served = json.loads(procs.http_get(self.fake.port, "/bench/stats")[1])["served"] - served0
+        completed = sum(r["completed"] for r in replies.values())
+        flow = {
+            "concurrency": opts.concurrency,
+            "processes": procs_used,
+            "duration_s": opts.duration,
+            "warmup_s": opts.warmup,
+            "completed": completed,
+            "verifications_per_s": completed / opts.duration,
+            "verification_ms": summary([x for r in replies.values() for x in r["latency_ms"]]),
+            "errors": sum(r["errors"] for r in replies.values()),
+            "first_error": next((r["first_error"] for r in replies.values() if r["first_error"]), None),
+            "gateway_cpu_pct_of_one_core": cpu["cpu_pct_of_one_core"],
+            "machine_busy_pct_of_one_core": cpu["machine_busy_pct_of_one_core"],
+            "loadgen_cpu_pct_of_one_core": 100 * sum(r["cpu_s"] for r in replies.values()) / opts.duration,
+            "profiles_served_by_fake": served,
+            "gateway_rss_kib_after": procs.rss_kib(pid),
+        }
+
+        # the yardstick
+        port = procs.free_port()
+        loop = self.gateway_loop if self.gateway_loop in ("asyncio", "uvloop") else "asyncio"
+        ys = Service(
+            "yardstick",
+            procs.python_argv("-m", "bench.yardstick", "--port", str(port), "--loop", loop),
+            port,
+            self.tmp / "yardstick.log",
+        )
+        ys.start(self.tmp, _env_with_repo())
+        self.stack.callback(ys.stop)
+        ys.wait_ready()
+        log(opts, f"yardstick: trivial JSON endpoint, {opts.concurrency} keep-alive connections, loop={loop}")
+        start_at = time.monotonic() + 0.5
+        for i in range(procs_used):
+            pool.send(
+                i,
+                "hammer",
+                host=HOST,
+                port=port,
+                path="/json",
+                workers=lanes[i],
+                start_at=start_at,
+                warmup=opts.warmup,
+                duration=opts.duration,
+            )
+        cpu = self._cpu_during(ys.pid, start_at + opts.warmup, opts.duration)
+        replies = {i: pool.recv(i) for i in range(procs_used)}
+        rps = sum(r["completed"] for r in replies.values()) / opts.duration
+        # The same endpoint with a new connection per request: the ceiling for opening streams.
+        fresh_duration = min(opts.duration, 5.0)
+        start_at = time.monotonic() + 0.5
+        for i in range(procs_used):
+            pool.send(
+                i,
+                "hammer",
+                host=HOST,
+                port=port,
+                path="/json",
+                workers=lanes[i],
+                start_at=start_at,
+                warmup=opts.warmup,
+                duration=fresh_duration,
+                fresh_connections=True,
+            )
+        fresh_cpu = self._cpu_during(ys.pid, start_at + opts.warmup, fresh_duration)
+        fresh = {i: pool.recv(i) for i in range(procs_used)}
+        ys.stop()
+        flow["yardstick"] = {
+            "requests_per_s": rps,
+            "errors": sum(r["errors"] for r in replies.values()),
+            "event_loop": loop,
+            "server_cpu_pct_of_one_core": cpu["cpu_pct_of_one_core"],
+            "machine_busy_pct_of_one_core": cpu["machine_busy_pct_of_one_core"],
+            "loadgen_cpu_pct_of_one_core": 100 * sum(r["cpu_s"] for r in replies.values()) / opts.duration,
+        }
+        flow["yardstick_new_connection_per_request"] = {
+            "requests_per_s": sum(r["completed"] for r in fresh.values()) / fresh_duration,
+            "duration_s": fresh_duration,
+            "errors": sum(r["errors"] for r in fresh.values()),
+            "server_cpu_pct_of_one_core": fresh_cpu["cpu_pct_of_one_core"],
+            "machine_busy_pct_of_one_core": fresh_cpu["machine_busy_pct_of_one_core"],
+        }
+        flow["ratio_to_yardstick"] = flow["verifications_per_s"] / rps if rps else float("nan")
+        return flow, svc
+
+    def _cpu_during(self, pid: int, start: float, duration: float) -> dict[str, float]:
+        time.sleep(max(0.0, start - time.monotonic()))
+        meter = procs.CpuMeter(pid)
+        meter.start()
+        time.sleep(max(0.0, start + duration - time.monotonic()))
+        return meter.stop()
+
+    def polling_phase(self, svc: Service) -> dict[str, Any]:
+        opts, pool = self.opts, self.pool
+        assert pool is not None
+        log(opts, f"polling vs SSE: {opts.poll_sessions} sessions each, poll every {opts.poll_interval} s")
+        poll_worker = 1 if pool.size > 1 else 0
+        for i in {0, poll_worker}:
+            pool.call({i: {"op": "target", "host": HOST, "port": svc.port}})
+        args = {
+            "sessions": opts.poll_sessions,
+            "interval": opts.poll_interval,
+            "offset_max": opts.poll_offset_max,
+            "endpoint": self.endpoint,
+        }
+        if poll_worker:
+            replies = pool.call(
+                {0: {"op": "polling", "mode": "sse", **args}, poll_worker: {"op": "polling", "mode": "poll", **args}},
+                timeout=300,
+            )
+            sse, poll = replies[0], replies[poll_worker]
+        else:
+            sse = pool.call({0: {"op": "polling", "mode": "sse", **args}}, timeout=300)[0]
+            poll = pool.call({0: {"op": "polling", "mode": "poll", **args}}, timeout=300)[0]
+
+        def digest(r: dict[str, Any]) -> dict[str, Any]:
+            rows = r["rows"]
+            return {
+                "verifications": len(rows),
+                "errors": r["errors"],
+                "first_error": r["first_error"],
+                "time_to_outcome_ms": summary([x["time_to_outcome_ms"] for x in rows]),
+                "since_start_ms": summary([x["since_start_ms"] for x in rows]),
+                "requests_per_verification": statistics.fmean(x["requests"] for x in rows) if rows else float("nan"),
+                "bytes_in_per_verification": statistics.fmean(x["bytes_in"] for x in rows) if rows else float("nan"),
+            }
+
+        return {
+            "sessions": opts.poll_sessions,
+            "interval_s": opts.poll_interval,
+            "callback_offset_max_s": opts.poll_offset_max,
+            "poll": digest(poll),
+            "sse": digest(sse),
+        }
+
+    def restart_phase(self, svc: Service) -> dict[str, Any]:
+        db = self.databases[svc.name]
+        self.stop_gateway(svc, "throughput")
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            sessions = conn.execute("SELECT COUNT(*) FROM sessions").fetchone()[0]
+        again = self.start_gateway("restart", db=db)
+        self.startups.pop()  # a restart is reported on its own
+        ready = again.ready_after
+        self.stop_gateway(again, "restart")
+        return {"ready_s": ready, "sessions_in_db": sessions}
+
+    def run(self) -> dict[str, Any]:
+        opts = self.opts
+        started = time.time()
+        t0 = time.monotonic()
+        load_at_start = os.getloadavg()
+        largest = max(opts.streams) if opts.streams else 0
+        size = max(2, math.ceil(largest / opts.max_per_process))
+        log(opts, f"starting the fake profile host and {size} load-generator processes")
+        self.fake = self.start_fake()
+        self.pool = Pool(size)
+        self.stack.callback(self.pool.close)
+        results: dict[str, Any] = {"meta": {}, "streams": []}
+        if "streams" in opts.phases:
+            for n in opts.streams:
+                results["streams"].append(self.streams_phase(n))
+        if opts.memory_profile and largest:
+            results["memory_profile"] = self.memory_profile_phase(largest)
+        if "throughput" in opts.phases:
+            flow, svc = self.throughput_phase()
+            results["throughput"] = flow
+        else:
+            svc = self.start_gateway("throughput")
+        if "polling" in opts.phases:
+            results["polling"] = self.polling_phase(svc)
+        restart = self.restart_phase(svc)
+        results["startup"] = {
+            "fresh_ready_s": self.startups,
+            "fresh_ready_median_s": statistics.median(self.startups),
+            "fresh_ready_max_s": max(self.startups),
+            "restart_ready_s": restart["ready_s"],
+            "restart_sessions_in_db": restart["sessions_in_db"],
+            "shutdowns": self.shutdowns,
+        }
+        if self.profiles:
+            results["profiles"] = self.profiles
+        results["meta"] = {
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "elapsed_s": time.monotonic() - t0,
+            "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
+            "machine": procs.machine(),
+            "gateway_event_loop": self.gateway_loop,
+            "loadgen_processes": size,
+            "loadavg_at_start": load_at_start,
+            "gateway_switch_interval_s": opts.switch_interval,
+        }
+        from bench.report import evaluate_targets
+
+        results["targets"] = evaluate_targets(results)
+        return results
+
+
+def _short(filename: str) -> str:
+    for marker in ("site-packages/", "/lib/python3", str(REPO) + "/"):
+        if marker in filename:
+            return filename.split(marker, 1)[1]
+    return filename
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run(opts: Options) -> dict[str, Any]:
+    """Run every phase; every process started is stopped again, also on errors and Ctrl+C."""
+    raise_nofile_limit()
+    with _sigterm_as_interrupt(), contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gateway-bench-")))
+        results = Bench(opts, tmp, stack).run()
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    opts.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return results
