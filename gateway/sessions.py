@@ -202,16 +202,24 @@ class Sessions:
 
         return await self.db.write(update)
 
-    async def progress(self, session_id: str, stage: str) -> bool:
-        """Record and publish a progress stage; ignored (False) once the session is terminal."""
-        return await asyncio.shield(self._progress(session_id, stage))
+    async def progress(
+        self, session_id: str, stage: str, *, before: Callable[[sqlite3.Connection], bool] | None = None
+    ) -> bool:
+        """Record and publish a progress stage; ignored (False) once the session is terminal.
 
-    async def _progress(self, session_id: str, stage: str) -> bool:
+        `before` runs first in the same transaction; returning False skips the event (one
+        durable commit instead of two on a hot path).
+        """
+        return await asyncio.shield(self._progress(session_id, stage, before))
+
+    async def _progress(self, session_id: str, stage: str, before: Callable[[sqlite3.Connection], bool] | None) -> bool:
         data = {"stage": stage}
         encoded = json.dumps(data, separators=(",", ":"))
         now = self.clock()
 
         def insert(conn: sqlite3.Connection) -> int | None:
+            if before is not None and not before(conn):
+                return None
             cur = conn.execute(
                 "INSERT INTO session_events (session_id, kind, data, created_at)"
                 " SELECT id, 'progress', ?, ? FROM sessions WHERE id = ? AND status = 'pending'",
@@ -228,17 +236,23 @@ class Sessions:
         self.broker.publish(session_id, _event(row_id, "progress", data))
         return True
 
-    async def finish(self, session_id: str, outcome: Outcome) -> bool:
+    async def finish(
+        self, session_id: str, outcome: Outcome, *, also: Callable[[sqlite3.Connection], None] | None = None
+    ) -> bool:
         """Move a pending session to its terminal outcome; False if another writer got there first.
 
         Runs to completion (write and publish) even if the caller is cancelled.
         """
-        return await asyncio.shield(self._finish(session_id, outcome))
+        return await asyncio.shield(self._finish(session_id, outcome, also))
 
-    async def _finish(self, session_id: str, outcome: Outcome) -> bool:
+    async def _finish(
+        self, session_id: str, outcome: Outcome, also: Callable[[sqlite3.Connection], None] | None
+    ) -> bool:
         now = self.clock()
 
         def update(conn: sqlite3.Connection) -> tuple[int, dict[str, Any]] | None:
+            if also is not None:
+                also(conn)  # e.g. clean-up that must commit with the outcome, winner or not
             row = conn.execute(
                 "SELECT provider, user_ref FROM sessions WHERE id = ? AND status = 'pending'", (session_id,)
             ).fetchone()

@@ -100,9 +100,7 @@ class Truecaller:
         # one per session, this also covers a resume racing anything else in-process.
         self._fetching: set[str] = set()
 
-    async def prepare(
-        self, *, session_id: str, phone: str | None, user_ref: str | None, request: Request
-    ) -> Prepared:
+    async def prepare(self, *, session_id: str, phone: str | None, user_ref: str | None, request: Request) -> Prepared:
         nonce = new_nonce()
         ttl = min(float(self.gw.settings.sessions.ttl), self.cfg.callback_timeout)
         return Prepared(
@@ -170,21 +168,25 @@ class Truecaller:
             raise
         received = self.gw.sessions.clock()
         token_expires_at = received + TOKEN_LIFETIME
-        stored = await self.gw.db.write(
-            _store_callback(session.id, endpoint.url, callback.access_token, received, token_expires_at)
-        )
-        if stored == "gone":
+        store = _store_callback(session.id, endpoint.url, callback.access_token, received, token_expires_at)
+        stored: list[StoreResult] = []
+
+        def accept(conn: sqlite3.Connection) -> bool:
+            # Store the token, outlive the fetch and announce it in one durable commit.
+            stored.append(store(conn))
+            if stored[0] == "stored":
+                conn.execute(
+                    "UPDATE sessions SET expires_at = ? WHERE id = ? AND status = 'pending'",
+                    (token_expires_at + EXPIRY_GRACE, session.id),
+                )
+            return stored[0] == "stored"
+
+        await self.gw.sessions.progress(session.id, "profile_fetching", before=accept)
+        if stored[0] == "gone":
             raise NotFound("session_not_found", "no pending Truecaller session has this requestId")
-        if stored == "repeat":
+        if stored[0] == "repeat":
             log.info("truecaller token callback repeated: ignored", extra={"session": ref})
             return _answer("accepted")
-        moved = await self.gw.sessions.update_provider_data(
-            session.id, {"token_received_at": received}, expires_at=token_expires_at + EXPIRY_GRACE
-        )
-        if not moved:  # the session ended (expired) between the insert and now
-            await self._forget(session.id)
-            raise NotFound("session_not_found", "no pending Truecaller session has this requestId")
-        await self.gw.sessions.progress(session.id, "profile_fetching")
         log.info("truecaller token callback accepted", extra={"session": ref})
         self._start_fetch(session.id, session.phone, endpoint, callback.access_token, token_expires_at)
         return _answer("accepted")
@@ -222,8 +224,7 @@ class Truecaller:
                 log.exception("truecaller profile fetch crashed", extra={"session": ref})
                 self.gw.metrics.provider_errors.labels(self.name, "bug").inc()
                 outcome = Outcome(FAILED, "provider_error")
-            await self.gw.sessions.finish(session_id, outcome)
-            await self._forget(session_id)
+            await self.gw.sessions.finish(session_id, outcome, also=_forgetter(session_id))
         finally:
             self._fetching.discard(session_id)
 
@@ -294,12 +295,6 @@ class Truecaller:
         row = await self.gw.db.fetchone("SELECT 1 FROM truecaller_callbacks WHERE session_id = ?", (session_id,))
         return row is not None
 
-    async def _forget(self, session_id: str) -> None:
-        def delete(conn: sqlite3.Connection) -> None:
-            conn.execute("DELETE FROM truecaller_callbacks WHERE session_id = ?", (session_id,))
-
-        await self.gw.db.write(delete)
-
 
 StoreResult = Literal["stored", "repeat", "gone"]
 
@@ -324,6 +319,15 @@ def _store_callback(
         return "repeat" if pending else "gone"
 
     return store
+
+
+def _forgetter(session_id: str) -> Callable[[sqlite3.Connection], None]:
+    """Drop the stored token: the fetch is over, whatever its outcome."""
+
+    def forget(conn: sqlite3.Connection) -> None:
+        conn.execute("DELETE FROM truecaller_callbacks WHERE session_id = ?", (session_id,))
+
+    return forget
 
 
 def _delete_finished(conn: sqlite3.Connection) -> None:
