@@ -76,10 +76,12 @@ class Gateway:
 
     async def start(self) -> None:
         await self.db.open()
-        self._expiry = asyncio.create_task(self.sessions.run_expiry(), name="expiry")
-        self._retention = asyncio.create_task(self.retention.run(), name="retention")  # issue 7
+        # Providers first: work a restart interrupted (a stored Truecaller token) decides its
+        # session's outcome before the expiry task may call it a timeout.
         for provider in self.providers.values():
             await provider.startup()
+        self._expiry = asyncio.create_task(self.sessions.run_expiry(), name="expiry")
+        self._retention = asyncio.create_task(self.retention.run(), name="retention")  # issue 7
 
     async def stop(self) -> None:
         self.begin_shutdown()
