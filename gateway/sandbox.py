@@ -1,17 +1,460 @@
-"""Sandbox mode: fake providers inside the gateway, so the whole flow runs with no credentials."""
+"""Sandbox mode: fake providers inside the gateway, so the whole flow runs with no credentials.
+
+`gateway serve --sandbox` binds its socket first (so the real port is known, port 0 included),
+then `apply_sandbox` points both providers at the gateway itself, and `create_app` mounts
+`sandbox_routes`:
+
+    /sandbox/truecaller/dialog?deeplink=…   a person plays the Truecaller app (HTML)
+    /sandbox/truecaller/v1/default          the fake profile host (gateway/fakes/truecaller.py)
+    /sandbox/veriphone/verify/{uuid}        a person plays the Veriph.One web flow (HTML)
+    /sandbox/veriphone/sdk-api/…            the fake Veriph.One API (gateway/fakes/veriphone.py)
+
+Everything goes over real HTTP, exactly as in production: the dialog makes the gateway
+receive Truecaller's server callbacks, the gateway fetches the profile from the fake host and
+pulls Veriph.One results with the per-process random key. Nothing here is mounted without
+--sandbox. The pages put request data only through `html.escape`, run no script at all and
+are served with a strict Content-Security-Policy.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import html
+import ipaddress
 import logging
+import re
+import secrets
+import socket
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, quote, urlsplit
+
+import httpx
+import phonenumbers
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
 
 from gateway.config import Settings
+from gateway.demo import DEMO_PATH
+from gateway.errors import ConfigError
+from gateway.fakes.truecaller import PROFILE_PATH, create_fake_truecaller, post_callback, post_status
+from gateway.fakes.veriphone import DEFAULT_PHONE as DEFAULT_VERIPHONE_PHONE
+from gateway.fakes.veriphone import create_fake_veriphone, fake_state
+from gateway.providers.truecaller import CALLBACK_PATH as TRUECALLER_CALLBACK_PATH
+from gateway.providers.veriphone import RESULT_PATH as VERIPHONE_RESULT_PATH
+from gateway.sandbox_pages import Field, html_page
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
 
 log = logging.getLogger("gateway.sandbox")
 
+TRUECALLER_MOUNT = "/sandbox/truecaller"
+VERIPHONE_MOUNT = "/sandbox/veriphone"
+DIALOG_PATH = TRUECALLER_MOUNT + "/dialog"
+VERIFY_PATH = VERIPHONE_MOUNT + "/verify/{session_uuid}"  # the fake's redirectionUrl lands here
 
-def apply_sandbox(settings: Settings) -> Settings:
-    """Settings for sandbox mode: the demo page on, loud in the log."""
-    log.warning("SANDBOX MODE: fake providers are mounted; never use this in production")
-    server = dataclasses.replace(settings.server, demo=True)
-    return dataclasses.replace(settings, server=server, sandbox=True)
+# What the person is shown prefilled: realistic, valid numbers (phonenumbers agrees).
+DEFAULT_TRUECALLER_PHONE = "+919876543210"
+DEFAULT_PARTNER_NAME = "Gateway sandbox"
+SANDBOX_PARTNER_KEY = "sandbox"  # the deep link shows it; a real key never goes into a fake flow
+
+# Veriph.One outcomes a person can pick: (status bits, button label). See PROVIDERS.md §4.
+VERIPHONE_CHOICES: tuple[tuple[int, str], ...] = (
+    (8192, "Verify successfully"),
+    (4352, "Cancel the attempt"),
+    (4097, "Verify another number (destination mismatch)"),
+    (4098, "OTP sent from another number (origin mismatch)"),
+    (4104, "Let it expire"),
+    (4160, "Too many submissions"),
+    (0, "Leave without finishing"),
+)
+VERIPHONE_METHODS: tuple[tuple[int, str], ...] = (
+    (20, "OTP by SMS"),
+    (21, "OTP by WhatsApp"),
+    (10, "Inverse OTP by SMS"),
+    (11, "Inverse OTP by WhatsApp"),
+    (30, "OTP by robocall"),
+)
+
+MAX_FORM_BYTES = 8 * 1024
+MAX_DEEPLINK = 4096
+# Fakes remember every token, session and request (tests read them); a long-running sandbox
+# keeps only this many of each, the oldest dropped (a session lives minutes at most).
+KEEP = 500
+_NONCE = re.compile(r"[A-Za-z0-9._~+/=-]{8,64}")
+_UUID = re.compile(r"[A-Za-z0-9-]{1,64}")
+_NAME = re.compile(r"[^\x00-\x1f<>]{0,40}")
+
+
+# --- settings ----------------------------------------------------------------------------
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind (not yet listen) the server socket the way uvicorn would, so its real port is known now."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio does for uvicorn
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def loopback_base(host: str, port: int) -> str:
+    """`http://host:port` by which the gateway reaches itself; a wildcard address becomes loopback."""
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return f"http://{host}:{port}"  # a host name: it resolves to where we listen
+    if ip.is_unspecified:
+        ip = ipaddress.ip_address("::1" if ip.version == 6 else "127.0.0.1")
+    shown = f"[{ip}]" if ip.version == 6 else str(ip)
+    return f"http://{shown}:{port}"
+
+
+def apply_sandbox(settings: Settings, address: tuple[str, int] | None = None) -> Settings:
+    """Settings for sandbox mode: providers pointed at the gateway itself, demo on, loud in the log.
+
+    `address` is where the server socket is bound (`sock.getsockname()[:2]`); without it the
+    configured host and port are used, which cannot work for port 0.
+    """
+    host, port = address if address is not None else (settings.server.host, settings.server.port)
+    if port == 0:
+        raise ConfigError("--sandbox: the fake providers need the real port; bind the socket first (bind_socket)")
+    base = loopback_base(host, port)
+    authority = urlsplit(base).netloc
+    tc = settings.providers.truecaller
+    truecaller = dataclasses.replace(
+        tc,
+        partner_key=SANDBOX_PARTNER_KEY,
+        partner_name=tc.partner_name or DEFAULT_PARTNER_NAME,
+        require_https=False,
+        require_public_ip=False,
+        profile_hosts=(authority,),
+    )
+    veriphone = dataclasses.replace(
+        settings.providers.veriphone,
+        api_base=base + VERIPHONE_MOUNT,
+        # Random per process and never written anywhere: the fake checks them like the real API.
+        api_key=secrets.token_urlsafe(24),
+        api_secret=secrets.token_urlsafe(32),
+        # Relative, so the browser stays on whatever host name it used; /demo resumes a
+        # same-tab flow, and a popup is closed by the page that opened it.
+        success_url=DEMO_PATH,
+        failure_url=DEMO_PATH,
+    )
+    providers = dataclasses.replace(settings.providers, truecaller=truecaller, veriphone=veriphone)
+    server = dataclasses.replace(settings.server, port=port, demo=True)
+    log.warning(
+        "SANDBOX MODE: fake Truecaller and Veriph.One run inside this gateway, nothing is really verified;"
+        " never use this in production. Try it: %s%s",
+        base,
+        DEMO_PATH,
+    )
+    return dataclasses.replace(settings, server=server, providers=providers, sandbox=True)
+
+
+def sandbox_base(settings: Settings) -> str:
+    """The gateway's own base URL, as `apply_sandbox` wrote it into the Veriph.One api_base."""
+    api_base = settings.providers.veriphone.api_base
+    if not settings.sandbox or not api_base.endswith(VERIPHONE_MOUNT):
+        raise ConfigError("sandbox routes need settings made by gateway.sandbox.apply_sandbox")
+    return api_base.removesuffix(VERIPHONE_MOUNT)
+
+
+def sandbox_routes(gateway: Gateway) -> list[BaseRoute]:
+    """The fake providers and the pages where a person plays them; mounted only with --sandbox."""
+    return Sandbox(gateway).routes()
+
+
+# --- the fakes and the pages ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeepLink:
+    """What the dialog needs from a `truecallersdk://truesdk/web_verify?…` link."""
+
+    raw: str
+    nonce: str
+    partner_name: str
+    lang: str
+
+
+def parse_deeplink(raw: str | None) -> DeepLink | None:
+    """The deep link if it is one of ours (each parameter at most once, a sane nonce), else None."""
+    if not raw or len(raw) > MAX_DEEPLINK:
+        return None
+    parts = urlsplit(raw)
+    if (parts.scheme, parts.netloc, parts.path) != ("truecallersdk", "truesdk", "/web_verify"):
+        return None
+    try:
+        query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=True, max_num_fields=40)
+    except ValueError:
+        return None
+    if any(len(values) != 1 for values in query.values()):
+        return None
+    params = {key: values[0] for key, values in query.items()}
+    nonce = params.get("requestNonce", "")
+    if not _NONCE.fullmatch(nonce):
+        return None
+    return DeepLink(raw, nonce, params.get("partnerName", "") or DEFAULT_PARTNER_NAME, params.get("lang", "en"))
+
+
+def e164(raw: str) -> str | None:
+    """A valid phone number in E.164 form, or None."""
+    try:
+        number = phonenumbers.parse(raw.strip(), None)
+    except phonenumbers.NumberParseException:
+        return None
+    if not phonenumbers.is_valid_number(number):
+        return None
+    return str(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
+
+
+# Plays Truecaller's server: (http, callback URL, requestId, status or token) → the gateway's answer.
+Sender = Callable[[httpx.AsyncClient, str, str, str], Awaitable[httpx.Response]]
+
+
+def _trim(store: MutableMapping[str, Any] | list[Any]) -> None:
+    excess = len(store) - KEEP
+    if excess <= 0:
+        return
+    if isinstance(store, list):
+        del store[:excess]
+    else:
+        for key in list(store)[:excess]:
+            del store[key]
+
+
+class Sandbox:
+    """The fake provider apps, their state, and the two human pages."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+        self.base = sandbox_base(gw.settings)
+        self.truecaller_app, self.truecaller = create_fake_truecaller()
+        vp = gw.settings.providers.veriphone
+        self.veriphone_app = create_fake_veriphone(vp.api_key, vp.api_secret, public_url=self.base + VERIPHONE_MOUNT)
+        self.veriphone = fake_state(self.veriphone_app)
+        # The provider's documented oddities, on by default so the gateway always meets them.
+        self.veriphone.numbers_as_strings = True
+        self.veriphone.result_http_status = 201
+
+    def routes(self) -> list[BaseRoute]:
+        # The pages come before the mounts, which would otherwise swallow their paths.
+        return [
+            Route(DIALOG_PATH, self.dialog, methods=["GET"]),
+            Route(DIALOG_PATH, self.dialog_action, methods=["POST"]),
+            Route(VERIFY_PATH, self.verify_page, methods=["GET"]),
+            Route(VERIFY_PATH, self.verify_action, methods=["POST"]),
+            Mount(TRUECALLER_MOUNT, app=self.truecaller_app),
+            Mount(VERIPHONE_MOUNT, app=self.veriphone_app),
+        ]
+
+    def _forget_old(self) -> None:
+        _trim(self.truecaller.users)
+        _trim(self.truecaller.requests)
+        _trim(self.veriphone.sessions)
+        _trim(self.veriphone.create_calls)
+        _trim(self.veriphone.result_calls)
+
+    # --- Truecaller ------------------------------------------------------------------------
+
+    async def dialog(self, request: Request) -> Response:
+        """The Truecaller app's bottom sheet; opening it sends `flow_invoked`, as the real app does."""
+        link = parse_deeplink(request.query_params.get("deeplink"))
+        if link is None:
+            return _message(400, "Not a Truecaller request", "The deeplink parameter is not a web_verify deep link.")
+        answer = await self._callback(post_status, link.nonce, "flow_invoked")
+        if answer is not None:
+            return answer
+        session = await self.gw.sessions.get_by_ref("truecaller", link.nonce)
+        phone = session.phone if session is not None and session.phone else DEFAULT_TRUECALLER_PHONE
+        return _dialog(link, phone, "Asha", "Rao", "", error=None)
+
+    async def dialog_action(self, request: Request) -> Response:
+        """Continue → token + callback; Use another number / Reject → the matching status callback."""
+        form = await _form(request)
+        if isinstance(form, Response):
+            return form
+        link = parse_deeplink(form.get("deeplink"))
+        if link is None:
+            return _message(400, "Not a Truecaller request", "The form lost its deep link; open the dialog again.")
+        action = form.get("action")
+        if action == "reject":
+            return await self._callback(post_status, link.nonce, "user_rejected") or _done("You rejected the request.")
+        if action == "another":
+            status = "use_another_number"
+            return await self._callback(post_status, link.nonce, status) or _done("You chose another number.")
+        if action != "continue":
+            return _message(400, "Unknown action", "Use one of the dialog's buttons.")
+        first, last, email = form.get("first", ""), form.get("last", ""), form.get("email", "").strip()
+        phone = e164(form.get("phone", ""))
+        problem = None
+        if phone is None:
+            problem = "Enter a valid phone number in international format, e.g. +919876543210."
+        elif not (_NAME.fullmatch(first) and _NAME.fullmatch(last)) or len(email) > 80:
+            problem = "Names and e-mail must be short plain text."
+        if problem is not None or phone is None:
+            return _dialog(link, form.get("phone", ""), first, last, email, error=problem, status_code=422)
+        country = phonenumbers.region_code_for_number(phonenumbers.parse(phone, None))
+        self._forget_old()
+        token = self.truecaller.issue_token(phone, first or None, last or None, email or None, country)
+        endpoint = self.base + TRUECALLER_MOUNT + PROFILE_PATH
+
+        async def send(http: httpx.AsyncClient, url: str, request_id: str, token: str) -> httpx.Response:
+            return await post_callback(http, url, request_id, token, endpoint)
+
+        return await self._callback(send, link.nonce, token) or _done(
+            "The gateway received the callback and is fetching your profile from the sandbox profile host."
+        )
+
+    async def _callback(self, send: Sender, nonce: str, value: str) -> Response | None:
+        """Play Truecaller's server over real HTTP; None when the gateway accepted, else a page saying why."""
+        try:
+            answer = await send(self.gw.http, self.base + TRUECALLER_CALLBACK_PATH, nonce, value)
+        except httpx.HTTPError as exc:
+            log.warning("sandbox: the truecaller callback did not reach the gateway (%s)", type(exc).__name__)
+            return _message(502, "Gateway unreachable", "The sandbox could not reach the gateway's callback.")
+        if answer.status_code == 404:
+            return _message(404, "Request not pending", "This request expired or was already answered.")
+        if not answer.is_success:
+            log.warning("sandbox: the gateway refused a truecaller callback (HTTP %d)", answer.status_code)
+            return _message(502, "Callback refused", f"The gateway answered HTTP {answer.status_code}.")
+        return None
+
+    # --- Veriph.One ------------------------------------------------------------------------
+
+    async def verify_page(self, request: Request) -> Response:
+        """Veriph.One's hosted page: pick the method, the number and what happens."""
+        session_uuid = request.path_params["session_uuid"]
+        session = self.veriphone.sessions.get(session_uuid) if _UUID.fullmatch(session_uuid) else None
+        if session is None:
+            return _message(404, "Unknown session", "This Veriph.One session does not exist.")
+        phone = f"+{session.prefilled[0]}{session.prefilled[1]}" if session.prefilled else DEFAULT_VERIPHONE_PHONE
+        return _verify(phone, prefilled=session.prefilled is not None, error=None)
+
+    async def verify_action(self, request: Request) -> Response:
+        """Record the attempt on the fake, then send the browser to the gateway's Result Endpoint."""
+        session_uuid = request.path_params["session_uuid"]
+        session = self.veriphone.sessions.get(session_uuid) if _UUID.fullmatch(session_uuid) else None
+        if session is None:
+            return _message(404, "Unknown session", "This Veriph.One session does not exist.")
+        form = await _form(request)
+        if isinstance(form, Response):
+            return form
+        status = _choice(form.get("status"), VERIPHONE_CHOICES)
+        method = _choice(form.get("method"), VERIPHONE_METHODS)
+        phone = e164(form.get("phone", ""))
+        if status is None or method is None:
+            return _message(400, "Unknown choice", "Use one of the page's buttons.")
+        if phone is None:
+            error = "Enter a valid phone number in international format, e.g. +14155550100."
+            return _verify(form.get("phone", ""), prefilled=session.prefilled is not None, error=error, status_code=422)
+        self._forget_old()
+        self.veriphone.complete(session_uuid, status=status, method=method, phone=phone)
+        # What Veriph.One does after the flow: the browser goes to the partner's Result Endpoint.
+        target = f"{VERIPHONE_RESULT_PATH}?sessionUuid={quote(session_uuid, safe='')}"
+        return RedirectResponse(target, status_code=303, headers=dict(_HEADERS))
+
+
+_HEADERS: Mapping[str, str] = {
+    "cache-control": "no-store",
+    # The dialog URL holds the request nonce: never hand it to another origin.
+    "referrer-policy": "same-origin",
+    "x-content-type-options": "nosniff",
+    "x-frame-options": "DENY",
+}
+
+
+def _choice(raw: str | None, choices: tuple[tuple[int, str], ...]) -> int | None:
+    values = {str(value): value for value, _ in choices}
+    return values.get(raw or "")
+
+
+async def _form(request: Request) -> dict[str, str] | Response:
+    """A small urlencoded form from this very origin (a foreign page must not drive the sandbox)."""
+    origin = request.headers.get("origin")
+    if origin is not None and origin != f"{request.url.scheme}://{request.url.netloc}":
+        return _message(403, "Wrong origin", "The sandbox accepts its own forms only.")
+    if request.headers.get("content-type", "").split(";")[0].strip() != "application/x-www-form-urlencoded":
+        return _message(415, "Not a form", "Expected an HTML form submission.")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            return _message(413, "Form too large", "The form is limited to 8 KiB.")
+    try:
+        parsed = parse_qs(body.decode(), keep_blank_values=True, max_num_fields=20)
+    except (UnicodeDecodeError, ValueError):
+        return _message(400, "Bad form", "The form could not be read.")
+    return {key: values[0] for key, values in parsed.items()}
+
+
+def _message(status_code: int, title: str, text: str) -> Response:
+    body = f"<h1>{html.escape(title)}</h1><p>{html.escape(text)}</p>"
+    return html_page(title, body, status_code=status_code, headers=_HEADERS)
+
+
+def _done(text: str) -> Response:
+    body = f"<h1>Done</h1><p>{html.escape(text)}</p><p class=muted>You can close this window.</p>"
+    return html_page("Done", body, headers=_HEADERS)
+
+
+def _dialog(
+    link: DeepLink, phone: str, first: str, last: str, email: str, *, error: str | None, status_code: int = 200
+) -> Response:
+    partner = html.escape(link.partner_name)
+    fields = [
+        Field("phone", "Your number", phone, "tel"),
+        Field("first", "First name", first, "text"),
+        Field("last", "Last name", last, "text"),
+        Field("email", "E-mail (optional)", email, "email"),
+    ]
+    body = (
+        '<div class="sheet"><p class="brand">Truecaller <span class="tag">sandbox</span></p>'
+        f"<h1>{partner}</h1><p>wants to verify your mobile number with Truecaller.</p>"
+        + (f'<p class="error" role="alert">{html.escape(error)}</p>' if error else "")
+        + f'<form method="post" action="{DIALOG_PATH}">'
+        f'<input type="hidden" name="deeplink" value="{html.escape(link.raw)}">'
+        + "".join(f.render() for f in fields)
+        + '<button name="action" value="continue" class="primary">Continue</button>'
+        '<button name="action" value="another">Use another number</button>'
+        '<button name="action" value="reject" class="quiet">Reject</button>'
+        "</form><p class=muted>Continue makes Truecaller's server call the gateway back with a token;"
+        " the gateway then fetches this profile from the sandbox profile host.</p></div>"
+    )
+    return html_page(f"Truecaller — {link.partner_name}", body, status_code=status_code, headers=_HEADERS)
+
+
+def _verify(phone: str, *, prefilled: bool, error: str | None, status_code: int = 200) -> Response:
+    methods = "".join(
+        f'<option value="{value}"{" selected" if value == 20 else ""}>{html.escape(label)}</option>'
+        for value, label in VERIPHONE_METHODS
+    )
+    buttons = "".join(
+        f'<button name="status" value="{value}"{" class=primary" if value == 8192 else ""}>'
+        f"{html.escape(label)} <small>({value})</small></button>"
+        for value, label in VERIPHONE_CHOICES
+    )
+    note = "prefilled by the site" if prefilled else "typed by you"
+    body = (
+        '<div class="sheet"><p class="brand">Veriph.One <span class="tag">sandbox</span></p>'
+        "<h1>Verify your phone number</h1>"
+        + (f'<p class="error" role="alert">{html.escape(error)}</p>' if error else "")
+        + '<form method="post">'
+        + Field("phone", f"Phone number ({note})", phone, "tel").render()
+        + f'<label for="method">Method</label><select id="method" name="method">{methods}</select>'
+        + f"<p>What happens:</p>{buttons}</form>"
+        "<p class=muted>The choice sets the attempt's status bits; you are then sent to the gateway's"
+        " result endpoint, which asks the sandbox API for the result.</p></div>"
+    )
+    return html_page("Veriph.One", body, status_code=status_code, headers=_HEADERS)

@@ -3,6 +3,7 @@
  * Plain JavaScript, no build step, no dependency. See demo.html for a complete page.
  *
  *   const handle = await GatewayVerify.start({provider: 'truecaller', onOutcome, onFallback});
+ *   // onFallback(reason): 'no_app', or after the outcome 'expired' / 'use_another_number'.
  *   handle.cancel();
  *
  * start() must be called from the user's click handler: both the Truecaller deep link and
@@ -88,7 +89,9 @@
       call(o.onOutcome, outcome);
       // Truecaller advises treating "no action before the timeout" like "no app": offer the
       // alternate flow. The outcome is still delivered first so the page can record it.
+      // "Use another number" is the same request: Truecaller can only vouch for the SIM's own.
       if (outcome.status === 'expired') call(o.onFallback, 'expired');
+      else if (outcome.reason === 'use_another_number') call(o.onFallback, 'use_another_number');
     }
 
     function fail(err) {
