@@ -326,24 +326,9 @@ def _check(s: Settings) -> None:
         (p + "privacy_url", tc.privacy_url == "" or _is_url(tc.privacy_url), "an http(s) URL", tc.privacy_url),
         (p + "terms_url", tc.terms_url == "" or _is_url(tc.terms_url), "an http(s) URL", tc.terms_url),
         (p + "partner_name", len(tc.partner_name) <= 100, "at most 100 characters", tc.partner_name),
-        (
-            p + "login_prefix",
-            tc.login_prefix in ("", *TRUECALLER_LOGIN_PREFIXES),
-            "empty or one of " + ", ".join(TRUECALLER_LOGIN_PREFIXES),
-            tc.login_prefix,
-        ),
-        (
-            p + "login_suffix",
-            tc.login_suffix in ("", *TRUECALLER_LOGIN_SUFFIXES),
-            "empty or one of " + ", ".join(TRUECALLER_LOGIN_SUFFIXES),
-            tc.login_suffix,
-        ),
-        (
-            p + "cta_prefix",
-            tc.cta_prefix in ("", *TRUECALLER_CTA_PREFIXES),
-            "empty or one of " + ", ".join(TRUECALLER_CTA_PREFIXES),
-            tc.cta_prefix,
-        ),
+        _one_of(p + "login_prefix", tc.login_prefix, TRUECALLER_LOGIN_PREFIXES),
+        _one_of(p + "login_suffix", tc.login_suffix, TRUECALLER_LOGIN_SUFFIXES),
+        _one_of(p + "cta_prefix", tc.cta_prefix, TRUECALLER_CTA_PREFIXES),
         (p + "cta_color", tc.cta_color == "" or _is_colour(tc.cta_color), 'a colour like "#1a73e8"', tc.cta_color),
         (
             p + "cta_text_color",
@@ -351,18 +336,8 @@ def _check(s: Settings) -> None:
             'a colour like "#ffffff"',
             tc.cta_text_color,
         ),
-        (
-            p + "btn_shape",
-            tc.btn_shape in ("", *TRUECALLER_BTN_SHAPES),
-            "empty or one of " + ", ".join(TRUECALLER_BTN_SHAPES),
-            tc.btn_shape,
-        ),
-        (
-            p + "skip_option",
-            tc.skip_option in ("", *TRUECALLER_SKIP_OPTIONS),
-            "empty or one of " + ", ".join(TRUECALLER_SKIP_OPTIONS),
-            tc.skip_option,
-        ),
+        _one_of(p + "btn_shape", tc.btn_shape, TRUECALLER_BTN_SHAPES),
+        _one_of(p + "skip_option", tc.skip_option, TRUECALLER_SKIP_OPTIONS),
         (p + "ttl", 0 <= tc.ttl <= 600_000, "milliseconds 0-600000 (0 = leave out)", tc.ttl),
     ]
     for host in tc.profile_hosts:
@@ -385,6 +360,11 @@ def _check(s: Settings) -> None:
     for key, ok, expected, got in problems:
         if not ok:
             raise ConfigError(f"{src}: {key}: expected {expected}, got {got!r}")
+
+
+def _one_of(key: str, value: str, choices: tuple[str, ...]) -> tuple[str, bool, str, object]:
+    """An optional documented value: empty leaves the parameter out of the deep link."""
+    return key, value in ("", *choices), "empty or one of " + ", ".join(choices), value
 
 
 def _is_url(value: str) -> bool:

@@ -60,7 +60,12 @@ def listening_socket() -> socket.socket:
 @contextlib.asynccontextmanager
 async def run_gateway(settings: Settings) -> AsyncIterator[Running]:
     """Serve `settings` with a real uvicorn on a free port for the duration of the block."""
-    sock = listening_socket()
+    async with _serve(settings, listening_socket()) as running:
+        yield running
+
+
+@contextlib.asynccontextmanager
+async def _serve(settings: Settings, sock: socket.socket) -> AsyncIterator[Running]:
     port = sock.getsockname()[1]
     server = build_server(settings, log_config=None)
     task = asyncio.create_task(server.serve(sockets=[sock]))
@@ -198,14 +203,6 @@ async def run_sandbox_gateway(settings: Settings) -> AsyncIterator[Running]:
     from gateway.sandbox import apply_sandbox
 
     sock = listening_socket()
-    port = sock.getsockname()[1]
-    settings = apply_sandbox(settings, ("127.0.0.1", port))
-    server = build_server(settings, log_config=None)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    running = Running(f"http://127.0.0.1:{port}", port, server, server.config.app.state.gateway, settings)
-    try:
+    settings = apply_sandbox(settings, ("127.0.0.1", sock.getsockname()[1]))
+    async with _serve(settings, sock) as running:
         yield running
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 15)
-        sock.close()
