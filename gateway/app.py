@@ -26,6 +26,7 @@ from gateway.config import Settings
 from gateway.errors import ApiError
 from gateway.metrics import Metrics
 from gateway.providers.base import Provider
+from gateway.providers.profile_client import ProfileClient
 from gateway.providers.truecaller import Truecaller
 from gateway.providers.veriphone import Veriphone
 from gateway.retention import Retention
@@ -49,6 +50,7 @@ class Gateway:
         self.db.on_write_seconds = self.metrics.db_write_seconds.observe  # issue 7: metrics
         self.retention = Retention(self.db, settings.sessions.retention, clock=self.sessions.clock)  # issue 7
         self.http = httpx.AsyncClient(follow_redirects=False, trust_env=False)
+        self.profile_http = ProfileClient()  # the Truecaller profile fetch: leaner than httpx on the hot path
         self.providers: dict[str, Provider] = {}
         if settings.providers.truecaller.enabled:
             self.providers["truecaller"] = Truecaller(self)
@@ -96,6 +98,7 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await periodic
         await self.http.aclose()
+        await self.profile_http.aclose()
         await self.db.close()
 
 

@@ -251,7 +251,7 @@ class Truecaller:
             return Outcome(FAILED, "provider_error")
         started = time.monotonic()
         result = await fetch_profile(
-            self.gw.http,
+            self.gw.profile_http,
             endpoint,
             token,
             timeout=self.cfg.http_timeout,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import httpx
 
 from gateway.providers.endpoint_guard import CheckedEndpoint
+from gateway.providers.profile_client import ProfileClient, ProfileClientError, ResponseTooLarge, Timeout
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class _Retryable(Exception):
 
 
 async def fetch_profile(
-    http: httpx.AsyncClient,
+    http: httpx.AsyncClient | ProfileClient,
     endpoint: CheckedEndpoint,
     access_token: str,
     *,
@@ -80,8 +81,11 @@ async def fetch_profile(
             break
         # Rotate through the checked addresses so one dead address does not burn every attempt.
         address = endpoint.addresses[(attempt - 1) % len(endpoint.addresses)]
+        limit = min(timeout, remaining)
         try:
-            return await _attempt(http, endpoint, address, access_token, min(timeout, remaining), max_bytes, attempt)
+            if isinstance(http, ProfileClient):
+                return await _attempt_lean(http, endpoint, address, access_token, limit, max_bytes, attempt)
+            return await _attempt(http, endpoint, address, access_token, limit, max_bytes, attempt)
         except _Retryable as exc:
             last = FetchFailed(exc.detail, attempts=attempt, status_code=exc.status_code)
             logger.info("truecaller profile fetch attempt %d failed: %s", attempt, exc.detail)
@@ -92,6 +96,38 @@ async def fetch_profile(
             break
         await sleep(delay)
     return last
+
+
+def _headers(access_token: str) -> list[tuple[str, str]]:
+    """The request headers both clients send, besides Host and Accept-Encoding."""
+    return [
+        ("Authorization", f"Bearer {access_token}"),
+        ("Cache-Control", "no-cache"),
+        ("Accept", "application/json"),
+    ]
+
+
+async def _attempt_lean(
+    http: ProfileClient,
+    endpoint: CheckedEndpoint,
+    address: str,
+    access_token: str,
+    limit: float,
+    max_bytes: int,
+    attempt: int,
+) -> FetchResult:
+    # ProfileClient sets Host to endpoint.host_header, Accept-Encoding to identity, and uses
+    # endpoint.host for SNI and certificate verification while connecting to `address`.
+    try:
+        response = await http.get(endpoint, address, _headers(access_token), timeout=limit, max_bytes=max_bytes)
+    except ResponseTooLarge as exc:
+        # The status still decides first, exactly as on the httpx path (a huge 503 is retried).
+        return _judge(exc.status, attempt) or FetchFailed("too_large", attempts=attempt, status_code=exc.status)
+    except Timeout:
+        raise _Retryable("timeout") from None
+    except ProfileClientError:
+        raise _Retryable("transport") from None
+    return _judge(response.status, attempt) or _decode(response.body, response.status, attempt)
 
 
 async def _attempt(
@@ -114,9 +150,7 @@ async def _attempt(
         url,
         headers={
             "Host": endpoint.host_header,
-            "Authorization": f"Bearer {access_token}",
-            "Cache-Control": "no-cache",
-            "Accept": "application/json",
+            **dict(_headers(access_token)),
             # Compressed bodies could inflate far past max_bytes inside one chunk.
             "Accept-Encoding": "identity",
         },
@@ -140,8 +174,8 @@ async def _attempt(
         return FetchFailed("http_error", attempts=attempt)
 
 
-async def _read(response: httpx.Response, max_bytes: int, attempt: int) -> FetchResult:
-    status = response.status_code
+def _judge(status: int, attempt: int) -> FetchResult | None:
+    """The result a non-2xx status decides (5xx raises _Retryable); None: a 2xx, read the body."""
     if status in (401, 403):
         return FetchDenied(status, attempts=attempt)
     if status >= 500:
@@ -150,6 +184,23 @@ async def _read(response: httpx.Response, max_bytes: int, attempt: int) -> Fetch
         return FetchFailed("redirect", attempts=attempt, status_code=status)
     if not 200 <= status < 300:
         return FetchFailed("status", attempts=attempt, status_code=status)
+    return None
+
+
+def _decode(body: bytes, status: int, attempt: int) -> FetchResult:
+    """A 2xx body within the limit → the parsed profile, or bad_json."""
+    try:
+        profile = json.loads(body)
+    except (ValueError, RecursionError):
+        return FetchFailed("bad_json", attempts=attempt, status_code=status)
+    return FetchOk(profile, attempts=attempt)
+
+
+async def _read(response: httpx.Response, max_bytes: int, attempt: int) -> FetchResult:
+    status = response.status_code
+    judged = _judge(status, attempt)
+    if judged is not None:
+        return judged
     declared = response.headers.get("Content-Length", "")
     if _DIGITS.fullmatch(declared) and (len(declared) > 15 or int(declared) > max_bytes):
         return FetchFailed("too_large", attempts=attempt, status_code=status)
@@ -158,8 +209,4 @@ async def _read(response: httpx.Response, max_bytes: int, attempt: int) -> Fetch
         body += chunk
         if len(body) > max_bytes:
             return FetchFailed("too_large", attempts=attempt, status_code=status)
-    try:
-        profile = json.loads(bytes(body))
-    except (ValueError, RecursionError):
-        return FetchFailed("bad_json", attempts=attempt, status_code=status)
-    return FetchOk(profile, attempts=attempt)
+    return _decode(bytes(body), status, attempt)
