@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,6 +36,11 @@ REASONS = frozenset(
         "exceeded_attempt_quota",
     }
 )
+
+
+@functools.lru_cache(maxsize=4096)
+def _rfc3339(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
 
 
 def rfc3339(ts: float) -> str:

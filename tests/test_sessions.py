@@ -114,3 +114,21 @@ def test_ids_are_long_random_and_public_ref_hides_them() -> None:
     assert len(ids) == 1000 and all(len(i) >= 32 for i in ids)
     sid = next(iter(ids))
     assert sid not in public_ref(sid) and len(public_ref(sid)) == 16
+
+
+async def test_the_wal_is_checkpointed_off_the_writer(db_path: Path) -> None:
+    db = Database(str(db_path))
+    await db.open()
+    try:
+        sessions = Sessions(db, Broker(16))
+        for _ in range(50):
+            await asyncio.gather(*(sessions.create(session_id=new_session_id(), provider="truecaller", ttl=60)
+                                   for _ in range(40)))
+        assert await db.write(lambda conn: conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]) == 0
+    finally:
+        await db.close()
+    # closing checkpoints everything: the WAL is empty and every row is in the main file
+    wal = db_path.with_name(db_path.name + "-wal")
+    assert not wal.exists() or wal.stat().st_size == 0
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM sessions").fetchone()[0] == 2000
