@@ -147,14 +147,14 @@ class Sessions:
         return session
 
     async def get(self, session_id: str) -> Session | None:
-        row = await self.db.fetchone("SELECT * FROM sessions WHERE id = ?", (session_id,))
-        return Session.from_row(row) if row else None
+        rows = self.db.lookup("SELECT * FROM sessions WHERE id = ?", (session_id,))
+        return Session.from_row(rows[0]) if rows else None
 
     async def get_by_ref(self, provider: str, provider_ref: str) -> Session | None:
-        row = await self.db.fetchone(
+        rows = self.db.lookup(
             "SELECT * FROM sessions WHERE provider_ref = ? AND provider = ?", (provider_ref, provider)
         )
-        return Session.from_row(row) if row else None
+        return Session.from_row(rows[0]) if rows else None
 
     async def events_after(self, session_id: str, after_id: int) -> list[Event]:
         rows = await self.db.fetchall(
@@ -165,7 +165,8 @@ class Sessions:
 
     async def get_with_events(self, session_id: str, after_id: int) -> tuple[Session | None, list[Event]]:
         """The session and its events after `after_id`, in one query (a stream opens with this)."""
-        rows = await self.db.fetchall(
+        # A session has a handful of events at most: a bounded point read.
+        rows = self.db.lookup(
             "SELECT s.*, e.id AS ev_id, e.kind AS ev_kind, e.data AS ev_data FROM sessions s"
             " LEFT JOIN session_events e ON e.session_id = s.id AND e.id > ? WHERE s.id = ? ORDER BY e.id",
             (after_id, session_id),
