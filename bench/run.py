@@ -406,7 +406,7 @@ class Bench:
         log(opts, f"N={n}: closing streams (leak check)")
         pool.all("close")
         result["server_open_streams_after_close"] = self.wait_open_streams(svc, 0)
-        time.sleep(1.0)
+        time.sleep(3.0)  # steady state: the gateway hands freed memory back within ~2 s
         mem["closed"] = procs.memory(pid)
         cycles = []
         for _ in range(opts.leak_cycles):
@@ -414,7 +414,7 @@ class Bench:
             reopened = sum(r["opened"] for r in replies.values())
             pool.all("close")
             self.wait_open_streams(svc, 0)
-            time.sleep(1.0)
+            time.sleep(3.0)
             cycles.append({"reopened": reopened, **procs.memory(pid)})
         mem["reopen_cycles"] = cycles
         result["memory"] = mem

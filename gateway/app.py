@@ -24,6 +24,7 @@ from gateway.accesslog import AccessLog, route_template
 from gateway.broker import Broker
 from gateway.config import Settings
 from gateway.errors import ApiError
+from gateway.memory import MemoryReleaser
 from gateway.metrics import Metrics
 from gateway.providers.base import Provider
 from gateway.providers.profile_client import ProfileClient
@@ -49,6 +50,7 @@ class Gateway:
         self.sessions.on_outcome = self.metrics.outcome
         self.db.on_write_seconds = self.metrics.db_write_seconds.observe  # issue 7: metrics
         self.retention = Retention(self.db, settings.sessions.retention, clock=self.sessions.clock)  # issue 7
+        self.memory = MemoryReleaser(self.broker.count)
         self.http = httpx.AsyncClient(follow_redirects=False, trust_env=False)
         self.profile_http = ProfileClient()  # the Truecaller profile fetch: leaner than httpx on the hot path
         self.providers: dict[str, Provider] = {}
@@ -84,6 +86,7 @@ class Gateway:
             await provider.startup()
         self._expiry = asyncio.create_task(self.sessions.run_expiry(), name="expiry")
         self._retention = asyncio.create_task(self.retention.run(), name="retention")  # issue 7
+        self._memory = asyncio.create_task(self.memory.run(), name="memory")
 
     async def stop(self) -> None:
         self.begin_shutdown()
@@ -93,7 +96,7 @@ class Gateway:
                 task.cancel()
             if late:
                 log.warning("shutdown: %d background tasks did not finish in time", len(late))
-        for periodic in (self._expiry, self._retention):  # issue 7: retention joins expiry
+        for periodic in (self._expiry, self._retention, self._memory):  # issue 7: retention joins expiry
             periodic.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await periodic

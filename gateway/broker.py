@@ -97,6 +97,7 @@ class Subscriber:
 class Broker:
     def __init__(self, buffer: int = 16) -> None:
         self._subs: dict[str, list[Subscriber]] = {}
+        self._count = 0
         self._buffer = buffer
         self.closed = False
 
@@ -106,6 +107,7 @@ class Broker:
             sub.close("shutdown")
             return sub
         self._subs.setdefault(session_id, []).append(sub)
+        self._count += 1
         return sub
 
     def publish(self, session_id: str, event: Event) -> int:
@@ -125,7 +127,7 @@ class Broker:
                 sub.close(reason)
 
     def count(self) -> int:
-        return sum(len(s) for s in self._subs.values())
+        return self._count
 
     def _discard(self, sub: Subscriber) -> None:
         subs = self._subs.get(sub.session_id)
@@ -135,5 +137,6 @@ class Broker:
             subs.remove(sub)
         except ValueError:
             return
+        self._count -= 1
         if not subs:
             del self._subs[sub.session_id]
