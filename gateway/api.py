@@ -35,7 +35,7 @@ def parse_phone(value: object) -> str | None:
     """An optional E.164 number: `+` and 7–15 digits that libphonenumber finds possible."""
     if value is None:
         return None
-    if not isinstance(value, str) or not _E164.match(value):
+    if not isinstance(value, str) or not _E164.fullmatch(value):
         raise BadRequest("invalid_phone", "phone must be an E.164 number such as +15551234567")
     try:
         possible = phonenumbers.is_possible_number(phonenumbers.parse(value, None))
@@ -97,7 +97,7 @@ async def create_session(request: Request) -> Response:
 
 async def _load(gw: Gateway, request: Request) -> Session:
     session_id = request.path_params["session_id"]
-    session = await gw.sessions.get(session_id) if _SESSION_ID.match(session_id) else None
+    session = await gw.sessions.get(session_id) if _SESSION_ID.fullmatch(session_id) else None
     if session is None:
         raise NotFound("session_not_found", "no session with this id")
     return session

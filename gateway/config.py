@@ -368,15 +368,19 @@ def _one_of(key: str, value: str, choices: tuple[str, ...]) -> tuple[str, bool, 
 
 
 def _is_url(value: str) -> bool:
-    parts = urlsplit(value)
-    return parts.scheme in ("http", "https") and bool(parts.hostname) and not parts.username
+    try:
+        parts = urlsplit(value)
+        return parts.scheme in ("http", "https") and bool(parts.hostname) and not parts.username
+    except ValueError:  # e.g. an unclosed "[" in the host
+        return False
 
 
 def _is_origin(value: str) -> bool:
+    if not _is_url(value):
+        return False
     parts = urlsplit(value)
     return (
-        _is_url(value)
-        and parts.path == ""
+        parts.path == ""
         and not parts.query
         and not parts.fragment
         and value == value.strip()
@@ -398,7 +402,8 @@ def _is_colour(value: str) -> bool:
 
 
 def _is_host_entry(value: str) -> bool:
+    """`host` or `host:port`, ASCII letters, digits, dots and hyphens (what the endpoint check can match)."""
     host, _, port = value.rpartition(":") if value.count(":") == 1 else (value, "", "")
-    if port and not (port.isdigit() and 0 < int(port) < 65536):
+    if value.count(":") == 1 and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
         return False
-    return bool(host) and all(c.isalnum() or c in ".-" for c in host)
+    return bool(host) and host.isascii() and all(c.isalnum() or c in ".-" for c in host)

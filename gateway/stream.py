@@ -33,6 +33,7 @@ _HEADERS = [
     (b"cache-control", b"no-store"),
     (b"x-accel-buffering", b"no"),
 ]
+_EVENT_ID = re.compile(r"[0-9]{1,18}")
 _NOT_FOUND = b'{"error":{"code":"session_not_found","message":"no session with this id"}}'
 _UNAVAILABLE = b'{"error":{"code":"database_unavailable","message":"the database could not be read; retry"}}'
 log = logging.getLogger("gateway.stream")
@@ -46,7 +47,7 @@ class EventStreamEndpoint:
         self.allowed_origins = frozenset(o.encode() for o in gateway.settings.server.cors_allow_origins)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = _PATH.match(scope["path"])
+        match = _PATH.fullmatch(scope["path"])
         session_id = match.group(1) if match else None
         cors = self._cors_headers(scope)
         if session_id is None:
@@ -65,14 +66,14 @@ class EventStreamEndpoint:
 
 
 def is_stream_request(scope: Scope) -> bool:
-    return scope["type"] == "http" and scope["method"] == "GET" and _PATH.match(scope["path"]) is not None
+    return scope["type"] == "http" and scope["method"] == "GET" and _PATH.fullmatch(scope["path"]) is not None
 
 
 async def serve(
     gw: Gateway, session_id: str, scope: Scope, receive: Receive, send: Send, extra_headers: list[tuple[bytes, bytes]]
 ) -> None:
     last_event_id = _header(scope, b"last-event-id").strip()
-    after = int(last_event_id) if last_event_id.isdigit() and len(last_event_id) < 19 else 0
+    after = int(last_event_id) if _EVENT_ID.fullmatch(last_event_id) else 0
     # Subscribe first, then read: whatever is published after this point reaches the
     # buffer, and anything also found in the database is dropped by event id.
     sub = gw.broker.subscribe(session_id)
@@ -106,7 +107,9 @@ async def serve(
     settings = gw.settings.stream
     # `retry:` rides on the status event: a block without data dispatches nothing in browsers.
     parts = [sse.event("status", session.snapshot(), retry=settings.retry)]
-    last_sent = after
+    # Dedupe live events against what was really replayed, not against the header: a forged
+    # Last-Event-ID above this session's future ids must not hide its outcome.
+    last_sent = 0
     finished = False
     for event in replay:
         parts.append(event.frame)

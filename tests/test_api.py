@@ -173,3 +173,14 @@ async def test_concurrent_creates_all_persist(gw: Running, db_path: Path) -> Non
     assert all(r.status_code == 201 for r in rs)
     assert len({r.json()["id"] for r in rs}) == 100
     assert count_sessions(db_path) == 100
+
+
+async def test_hostile_bodies_are_400s_not_500s(gw: Running, db_path: Path) -> None:
+    async with gw.client() as c:
+        deep = await c.post(
+            "/v1/sessions", content=b"[" * 5000 + b"]" * 5000, headers={"content-type": "application/json"}
+        )
+        assert deep.status_code == 400 and deep.json()["error"]["code"] == "invalid_json"
+        newline = await c.post("/v1/sessions", json={"provider": "truecaller", "phone": "+4915123456789\n"})
+        assert newline.status_code == 400 and newline.json()["error"]["code"] == "invalid_phone"
+    assert count_sessions(db_path) == 0

@@ -101,3 +101,18 @@ def test_config_file_discovery(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     (tmp_path / "broken.toml").write_text("[server\nport=")
     with pytest.raises(ConfigError, match="TOML syntax error"):
         load_settings(str(tmp_path / "broken.toml"), env={})
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"providers": {"veriphone": {"success_url": "http://[bad"}}}, "providers.veriphone.success_url"),
+        ({"server": {"cors_allow_origins": ["https://[x"]}}, "server.cors_allow_origins"),
+        ({"providers": {"truecaller": {"profile_hosts": ["host:²"]}}}, "providers.truecaller.profile_hosts"),
+        ({"providers": {"truecaller": {"profile_hosts": ["host:"]}}}, "providers.truecaller.profile_hosts"),
+        ({"providers": {"truecaller": {"profile_hosts": ["prоfile.example"]}}}, "providers.truecaller.profile_hosts"),
+    ],
+)
+def test_malformed_urls_and_hosts_are_one_line_errors(raw: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError, match=f"^cfg.toml: {key}: "):
+        settings_from_dict(raw, source="cfg.toml")

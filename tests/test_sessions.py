@@ -122,8 +122,9 @@ async def test_the_wal_is_checkpointed_off_the_writer(db_path: Path) -> None:
     try:
         sessions = Sessions(db, Broker(16))
         for _ in range(50):
-            await asyncio.gather(*(sessions.create(session_id=new_session_id(), provider="truecaller", ttl=60)
-                                   for _ in range(40)))
+            await asyncio.gather(
+                *(sessions.create(session_id=new_session_id(), provider="truecaller", ttl=60) for _ in range(40))
+            )
         assert await db.write(lambda conn: conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]) == 0
     finally:
         await db.close()

@@ -196,3 +196,18 @@ async def test_outcome_survives_a_restart(db_path: Path) -> None:
             events = [ev async for ev in source.aiter_sse()]
         assert [e.event for e in events] == ["status", "outcome"]
         assert json.loads(events[-1].data) == body["outcome"]
+
+
+async def test_odd_or_forged_last_event_ids_never_break_the_stream(gw: Running) -> None:
+    async with gw.client() as c:
+        sid = await new_session(c)
+        # a non-ASCII digit must not be a 500
+        async with c.stream("GET", f"/v1/sessions/{sid}/events", headers={"last-event-id": b"\xb2"}) as st:
+            assert st.status_code == 200
+            await RawStream(st).until(b"event: status")
+        # an id beyond anything this session will publish must not hide its outcome
+        async with c.stream("GET", f"/v1/sessions/{sid}/events", headers={"last-event-id": "999999999"}) as st:
+            rs = RawStream(st)
+            await rs.until(b"event: status")
+            await gw.gateway.sessions.finish(sid, VERIFIED)
+            assert b"event: outcome" in await rs.rest()

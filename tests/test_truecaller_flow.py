@@ -238,6 +238,19 @@ async def test_unhandled_status_is_accepted_and_changes_nothing(env: Env) -> Non
     assert events_of(env, sid, "progress") == [] and events_of(env, sid, "outcome") == []
 
 
+async def test_one_token_cannot_verify_a_second_session(env: Env) -> None:
+    first_sid, first_nonce = await env.start(phone=None)
+    token = env.fake.issue_token("+14155550100")
+    assert (await env.token_callback(first_nonce, token)).status_code == 200
+    assert (await env.wait_outcome(first_sid))["status"] == "verified"
+    # the same token replayed against another pending session (login CSRF) is refused
+    second_sid, second_nonce = await env.start(phone=None)
+    replay = await env.token_callback(second_nonce, token)
+    assert replay.status_code == 400 and replay.json()["error"]["code"] == "token_already_used"
+    assert (await env.snapshot(second_sid))["status"] == "pending"
+    assert env.fake.request_count == 1
+
+
 async def test_unauthorized_token_is_access_denied(env: Env) -> None:
     denied = 'gateway_provider_errors_total{kind="access_denied",provider="truecaller"}'
     before = (await env.client.get("/metrics")).text
@@ -301,7 +314,8 @@ MALFORMED: list[tuple[object, str]] = [
     ({"requestId": "abcdefgh", "status": 7}, "invalid_status"),
     ({"requestId": "abcdefgh", "accessToken": "t"}, "missing_endpoint"),
     ({"requestId": "abcdefgh", "accessToken": 1, "endpoint": "x"}, "invalid_access_token"),
-    ({"requestId": "abcdefgh", "accessToken": "t", "endpoint": "x", "extra": 1}, "unknown_field"),
+    # an unknown field is dropped, not refused: the real fault is still reported
+    ({"requestId": "abcdefgh", "accessToken": "t", "endpoint": "x", "extra": 1}, "invalid_endpoint"),
     ([1, 2], "invalid_body"),
 ]
 
@@ -318,6 +332,13 @@ async def test_malformed_callbacks_are_400_with_stable_codes(env: Env) -> None:
     form = await env.client.post(CALLBACK_PATH, data={"requestId": nonce, "status": "user_rejected"})
     assert form.status_code == 415
     assert (await env.snapshot(sid))["status"] == "pending" and env.stored_callbacks() == 0
+
+
+async def test_fields_truecaller_may_add_later_do_not_fail_a_callback(env: Env) -> None:
+    sid, nonce = await env.start()
+    r = await env.client.post(CALLBACK_PATH, json={"requestId": nonce, "status": "flow_invoked", "timestamp": 1})
+    assert r.status_code == 200 and r.json() == {"status": "accepted"}
+    assert (await env.snapshot(sid))["status"] == "pending"
 
 
 async def test_fifty_identical_callbacks_fetch_once_and_finish_once(env: Env) -> None:
@@ -401,27 +422,32 @@ async def test_hostile_endpoints_are_refused_before_any_request(env: Env) -> Non
         g, e = port_of(env.endpoint.rsplit("/v1/", 1)[0]), port_of(evil_url)
         sid, nonce = await env.start()
         token = evil.issue_token("+15550000000")  # the evil host would "verify" the attacker's number
-        await assert_all_refused(env, nonce, token, [
-            f"http://127.0.0.1:{e}/v1/default",
-            f"http://127.0.0.1:{g}@127.0.0.1:{e}/v1/default",
-            f"http://127.0.0.1:{e}/127.0.0.1:{g}/v1/default",
-            f"http://127.0.0.1:{e}?127.0.0.1:{g}",
-            f"http://localhost:{e}/v1/default",
-            f"http://localhost:{g}/v1/default",
-            f"http://[::1]:{e}/v1/default",
-            f"http://[::1]:{g}/v1/default",
-            f"http://[::ffff:127.0.0.1]:{g}/v1/default",
-            f"http://2130706433:{g}/v1/default",
-            f"http://0x7f.0.0.1:{g}/v1/default",
-            f"http://127.1:{g}/v1/default",
-            f"http://127.0.0.1:{g}\\@127.0.0.1:{e}/",
-            f"http://127.0.0.1:{g}.evil.test/v1/default",
-            f"http://127.0.0.1.evil.test:{g}/v1/default",
-            f"ftp://127.0.0.1:{g}/v1/default",
-            f" http://127.0.0.1:{g}/v1/default",
-            "",
-            12345,
-        ])
+        await assert_all_refused(
+            env,
+            nonce,
+            token,
+            [
+                f"http://127.0.0.1:{e}/v1/default",
+                f"http://127.0.0.1:{g}@127.0.0.1:{e}/v1/default",
+                f"http://127.0.0.1:{e}/127.0.0.1:{g}/v1/default",
+                f"http://127.0.0.1:{e}?127.0.0.1:{g}",
+                f"http://localhost:{e}/v1/default",
+                f"http://localhost:{g}/v1/default",
+                f"http://[::1]:{e}/v1/default",
+                f"http://[::1]:{g}/v1/default",
+                f"http://[::ffff:127.0.0.1]:{g}/v1/default",
+                f"http://2130706433:{g}/v1/default",
+                f"http://0x7f.0.0.1:{g}/v1/default",
+                f"http://127.1:{g}/v1/default",
+                f"http://127.0.0.1:{g}\\@127.0.0.1:{e}/",
+                f"http://127.0.0.1:{g}.evil.test/v1/default",
+                f"http://127.0.0.1.evil.test:{g}/v1/default",
+                f"ftp://127.0.0.1:{g}/v1/default",
+                f" http://127.0.0.1:{g}/v1/default",
+                "",
+                12345,
+            ],
+        )
         await assert_untouched(env, sid)
         # positive control: the same session still completes through the allowed host
         ok = await env.token_callback(nonce, env.fake.issue_token(PHONE))
@@ -442,19 +468,24 @@ async def test_production_rules_refuse_lookalikes_and_loopback_names(tmp_path: P
             resolver = LoopbackResolver()
             env.provider.resolve = resolver  # no real DNS, and every name "is" loopback
             sid, nonce = await env.start()
-            await assert_all_refused(env, nonce, token, [
-                "http://profile4-noneu.truecaller.com/v1/default",
-                "https://profile4-noneu.truecaller.com:8443/v1/default",
-                "https://profile4-noneu.truecaller.com.evil.test/v1/default",
-                "https://evil.test/profile4-noneu.truecaller.com",
-                "https://profile4-noneu.truecaller.com@evil.test/v1/default",
-                "https://evil.test@profile4-noneu.truecaller.com/v1/default",
-                "https://evil.truecaller.com/v1/default",
-                "https://127.0.0.1/v1/default",
-                "https://[::1]/v1/default",
-                # an allowed name, but DNS answers loopback: require_public_ip refuses it
-                "https://profile4-noneu.truecaller.com/v1/default",
-            ])
+            await assert_all_refused(
+                env,
+                nonce,
+                token,
+                [
+                    "http://profile4-noneu.truecaller.com/v1/default",
+                    "https://profile4-noneu.truecaller.com:8443/v1/default",
+                    "https://profile4-noneu.truecaller.com.evil.test/v1/default",
+                    "https://evil.test/profile4-noneu.truecaller.com",
+                    "https://profile4-noneu.truecaller.com@evil.test/v1/default",
+                    "https://evil.test@profile4-noneu.truecaller.com/v1/default",
+                    "https://evil.truecaller.com/v1/default",
+                    "https://127.0.0.1/v1/default",
+                    "https://[::1]/v1/default",
+                    # an allowed name, but DNS answers loopback: require_public_ip refuses it
+                    "https://profile4-noneu.truecaller.com/v1/default",
+                ],
+            )
             await assert_untouched(env, sid)
             assert resolver.calls == ["profile4-noneu.truecaller.com"]  # only the allowed name was looked up
         # a real name that really resolves to 127.0.0.1, pointing at the evil server's port
@@ -484,8 +515,9 @@ async def test_restart_resumes_interrupted_fetches(db_path: Path) -> None:
             assert env.stored_callbacks() == 2
             assert env.query("SELECT DISTINCT status FROM sessions") == [("pending",)]
             # as if the gateway had stayed down for more than the token's 10 minutes
-            env.query("UPDATE truecaller_callbacks SET token_expires_at = received_at - 1 WHERE session_id = ?",
-                      (stale,))
+            env.query(
+                "UPDATE truecaller_callbacks SET token_expires_at = received_at - 1 WHERE session_id = ?", (stale,)
+            )
             fake.hold.set()
             async with run_gateway(settings) as gw2, gw2.client() as client2:
                 env2 = Env(gw2, client2, fake, env.endpoint, db_path)

@@ -115,3 +115,16 @@ MALFORMED: list[tuple[str, object]] = [
 def test_malformed_is_provider_error(raw: object) -> None:
     assert decode_profile(raw, expected_phone=None) == Outcome(FAILED, "provider_error")
     assert decode_profile(raw, expected_phone="+919999999999") == Outcome(FAILED, "provider_error")
+
+
+def test_unstorable_text_is_dropped_not_a_failed_write() -> None:
+    """A lone surrogate cannot be stored by SQLite: the field is left out, the number still counts."""
+    import json
+
+    outcome = decode_profile(
+        with_(name={"first": "A\ud800", "last": "Rao"}, onlineIdentities={"email": "x\udfff@y.in"}), expected_phone=None
+    )
+    assert outcome.status == VERIFIED and outcome.profile is not None
+    assert outcome.profile["first_name"] is None and outcome.profile["email"] is None
+    assert outcome.profile["last_name"] == "Rao"
+    json.dumps(outcome.profile, ensure_ascii=False).encode("utf-8")  # storable

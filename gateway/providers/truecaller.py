@@ -8,6 +8,7 @@ is deleted once the outcome is written. The access token is a secret: it is neve
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
 import sqlite3
@@ -130,7 +131,8 @@ class Truecaller:
         """`POST /v1/callbacks/truecaller`: Truecaller's server reports a token or a status."""
         started = time.monotonic()
         try:
-            body = await read_json_object(request, fields=FIELDS)
+            # Not strict: a field Truecaller adds one day must not fail every verification.
+            body = await read_json_object(request, fields=FIELDS, strict=False)
             parsed = parse_callback(body)
             session = await self.gw.sessions.get_by_ref(self.name, parsed.request_id)
             if session is None or session.terminal:
@@ -182,6 +184,12 @@ class Truecaller:
             return stored[0] == "stored"
 
         await self.gw.sessions.progress(session.id, "profile_fetching", before=accept)
+        if stored[0] == "reused":
+            self.gw.metrics.provider_errors.labels(self.name, "token_reused").inc()
+            log.warning(
+                "truecaller token callback refused: token already used for another session", extra={"session": ref}
+            )
+            raise BadRequest("token_already_used", "this access token was already used to verify another session")
         if stored[0] == "gone":
             raise NotFound("session_not_found", "no pending Truecaller session has this requestId")
         if stored[0] == "repeat":
@@ -296,7 +304,9 @@ class Truecaller:
         return row is not None
 
 
-StoreResult = Literal["stored", "repeat", "gone"]
+StoreResult = Literal["stored", "repeat", "gone", "reused"]
+# Token hashes are remembered this long: the token's own life and a margin.
+TOKEN_MEMORY = TOKEN_LIFETIME + 300
 
 
 def _store_callback(
@@ -304,7 +314,15 @@ def _store_callback(
 ) -> Callable[[sqlite3.Connection], StoreResult]:
     """A write that stores the first token callback of a still-pending session."""
 
+    token_hash = hashlib.sha256(token.encode()).hexdigest()
+
     def store(conn: sqlite3.Connection) -> StoreResult:
+        conn.execute("DELETE FROM truecaller_tokens_used WHERE used_at < ?", (received_at - TOKEN_MEMORY,))
+        bound = conn.execute(
+            "SELECT session_id FROM truecaller_tokens_used WHERE token_hash = ?", (token_hash,)
+        ).fetchone()
+        if bound is not None and bound[0] != session_id:
+            return "reused"  # a token proves one consent, for one session
         # One statement decides: the session must be pending and have no callback yet, so of
         # any number of racing callbacks exactly one is stored and goes on to fetch.
         cur = conn.execute(
@@ -314,6 +332,10 @@ def _store_callback(
             (endpoint, token, received_at, token_expires_at, session_id),
         )
         if cur.rowcount == 1:
+            conn.execute(
+                "INSERT OR IGNORE INTO truecaller_tokens_used (token_hash, session_id, used_at) VALUES (?, ?, ?)",
+                (token_hash, session_id, received_at),
+            )
             return "stored"
         pending = conn.execute("SELECT 1 FROM sessions WHERE id = ? AND status = 'pending'", (session_id,)).fetchone()
         return "repeat" if pending else "gone"

@@ -61,15 +61,24 @@ def _get(container: object, key: str) -> object:
     return container.get(key) if isinstance(container, dict) else None
 
 
+def _encodable(value: str) -> bool:
+    """False for strings with lone surrogates: SQLite could not store them (the outcome would fail)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _text(value: object) -> str | None:
-    if not isinstance(value, str):
+    if not isinstance(value, str) or not _encodable(value):
         return None
     cleaned = _CONTROL.sub("", value).strip()[:MAX_FIELD_LENGTH].strip()
     return cleaned or None
 
 
 def _email(value: object) -> str | None:
-    if not isinstance(value, str):
+    if not isinstance(value, str) or not _encodable(value):
         return None
     text = value.strip()
     # A truncated address would be someone else's address: drop it instead of capping.
