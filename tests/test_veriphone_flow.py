@@ -144,14 +144,22 @@ async def test_user_ref_is_the_provider_user_id_and_long_user_agents_are_cut(env
 
 
 async def test_create_session_rejected_by_provider_stores_nothing(env: Env) -> None:
-    env.fake.fail_create, env.fake.fail_create_code = 400, 20001
+    env.fake.fail_create, env.fake.fail_create_code = 400, 14226
     rows = env.rows()
     response = await env.client.post("/v1/sessions", json={"provider": "veriphone", "phone": PHONE})
     assert response.status_code == 502
     error = response.json()["error"]
     assert error["code"] == "provider_rejected"
-    assert "20001" in error["message"]
+    assert "14226" in error["message"]
     assert API_KEY not in response.text
+    assert env.rows() == rows
+
+
+async def test_a_number_the_provider_refuses_is_invalid_phone(env: Env) -> None:
+    env.fake.fail_create, env.fake.fail_create_code = 400, 20001
+    rows = env.rows()
+    response = await env.client.post("/v1/sessions", json={"provider": "veriphone", "phone": PHONE})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_phone"
     assert env.rows() == rows
 
 

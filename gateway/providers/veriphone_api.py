@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from gateway.errors import BadRequest, ProviderFailure
+from gateway.errors import ApiError, BadRequest, ProviderFailure
 from gateway.providers.veriphone_status import split_e164
 
 CREATE_SESSION_PATH = "/sdk-api/phone-verification/create-session/v1.0.0"
@@ -172,7 +172,13 @@ def _error_code(raw: bytes) -> int | None:
     return None
 
 
-def _rejected(operation: str, status: int, code: int | None) -> ProviderFailure:
+# Veriph.One's codes for a number it will not verify: the caller's input, so a 400, not a 502.
+_PHONE_CODES = {20000: "its country code", 20001: "the number"}
+
+
+def _rejected(operation: str, status: int, code: int | None) -> ApiError:
+    if code in _PHONE_CODES:
+        return BadRequest("invalid_phone", f"Veriph.One refused {_PHONE_CODES[code]} (error code {code})")
     # Only the HTTP status and a bounded integer are echoed: a body may quote the request, key included.
     detail = f"HTTP {status}" if code is None else f"HTTP {status}, error code {code}"
     return ProviderFailure("provider_rejected", f"Veriph.One {operation} rejected the request ({detail})")
