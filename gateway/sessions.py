@@ -156,13 +156,6 @@ class Sessions:
         )
         return Session.from_row(rows[0]) if rows else None
 
-    async def events_after(self, session_id: str, after_id: int) -> list[Event]:
-        rows = await self.db.fetchall(
-            "SELECT id, kind, data FROM session_events WHERE session_id = ? AND id > ? ORDER BY id",
-            (session_id, after_id),
-        )
-        return [_event(r["id"], r["kind"], json.loads(r["data"])) for r in rows]
-
     async def get_with_events(self, session_id: str, after_id: int) -> tuple[Session | None, list[Event]]:
         """The session and its events after `after_id`, in one query (a stream opens with this)."""
         # A session has a handful of events at most: a bounded point read.

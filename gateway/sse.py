@@ -19,9 +19,5 @@ def event(name: str, data: Any, *, id: str | None = None, retry: int | None = No
     return ServerSentEvent(payload, event=name, id=id, retry=retry, sep=SEP).encode()
 
 
-def comment(text: str = "") -> bytes:
-    """A comment line: ignored by EventSource, keeps proxies and NATs from timing the stream out."""
-    return ServerSentEvent(comment=text, sep=SEP).encode()
-
-
+# A comment line: EventSource ignores it; it keeps proxies and NATs from timing the stream out.
 HEARTBEAT = b":\n\n"

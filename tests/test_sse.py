@@ -25,8 +25,3 @@ def test_event_frames(name: str, data: Any, id: str | None, expected: bytes) -> 
 
 def test_retry_rides_on_an_event() -> None:
     assert sse.event("status", {}, retry=3000) == b"event: status\ndata: {}\nretry: 3000\n\n"
-
-
-def test_comment_retry_and_heartbeat() -> None:
-    assert sse.comment("hi") == b": hi\n\n"
-    assert sse.HEARTBEAT == b":\n\n"

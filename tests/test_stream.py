@@ -79,7 +79,7 @@ async def test_reconnect_mid_flow_replays_only_what_was_missed(gw: Running) -> N
         sid = await new_session(c)
         await gw.gateway.sessions.progress(sid, "flow_invoked")
         await gw.gateway.sessions.progress(sid, "profile_fetching")
-        rows = await gw.gateway.sessions.events_after(sid, 0)
+        _, rows = await gw.gateway.sessions.get_with_events(sid, 0)
         async with c.stream("GET", f"/v1/sessions/{sid}/events", headers={"last-event-id": str(rows[0].id)}) as st:
             rs = RawStream(st)
             got = [e for e in parse_sse(await rs.until(b"profile_fetching")) if e.get("event") == "progress"]
