@@ -186,6 +186,11 @@ class FakeVeriphoneState:
         async with self._calls_changed:
             calls.append(call)
             self._calls_changed.notify_all()
+        # The knobs tests turn to make the provider stall or lag, for every endpoint alike.
+        if self.hold is not None:
+            await self.hold.wait()
+        if self.delay:
+            await asyncio.sleep(self.delay)
         return call
 
 
@@ -230,10 +235,6 @@ def create_fake_veriphone(api_key: str, api_secret: str, *, public_url: str) -> 
 
     async def create_session(request: Request) -> Response:
         call = await state._record(state.create_calls, request)
-        if state.hold is not None:
-            await state.hold.wait()
-        if state.delay:
-            await asyncio.sleep(state.delay)
         if state.fail_create is not None:
             return _error(state.fail_create, state.fail_create_code, "failure set on the fake")
         if call.headers.get("x-api-key") != state.api_key:
@@ -268,10 +269,6 @@ def create_fake_veriphone(api_key: str, api_secret: str, *, public_url: str) -> 
 
     async def verification_result(request: Request) -> Response:
         call = await state._record(state.result_calls, request)
-        if state.hold is not None:
-            await state.hold.wait()
-        if state.delay:
-            await asyncio.sleep(state.delay)
         if state.fail_result is not None:
             return _error(state.fail_result, None, "failure set on the fake")
         # The secret goes raw after "Basic ", not base64(user:pass): that is what the docs say.
