@@ -1,14 +1,14 @@
-"""One SQLite file: migrations, reads through aiosqlite, writes through a group-commit writer.
+"""One SQLite file: migrations, point reads on the loop, scans through aiosqlite, group-commit writes.
 
-Writes are plain functions of a `sqlite3.Connection`, queued to one writer thread that runs
-every queued function in a single `BEGIN IMMEDIATE … COMMIT` (each in its own savepoint, so
+Writes are plain functions of a `sqlite3.Connection`. Every function queued while a commit is
+in flight runs in the next single `BEGIN IMMEDIATE … COMMIT` (each in its own savepoint, so
 one failing write does not undo its neighbours). A caller's future resolves only after the
 commit, with `synchronous=FULL`, so an answer or event sent after `await write(...)` is
-durable. The thread finishes a transaction even when the awaiting request is cancelled
-(client disconnect): a write is never cut half-way.
+durable. A queued write commits even when the awaiting request is cancelled (client
+disconnect): a write is never cut half-way.
 
-aiosqlite has no public way to run several statements in one hop to its thread, which is
-what lets one commit carry many writes; reads are single statements and use aiosqlite.
+The statements run on the event loop's thread and only the COMMIT (the fsync) on a thread of
+its own; see `_Writer` for why.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,6 +35,7 @@ T = TypeVar("T")
 WriteFn = Callable[[sqlite3.Connection], T]
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _STOP = object()
+_BEGIN = object()
 _MAX_BATCH = 512
 
 
@@ -114,68 +114,91 @@ def _split_sql(script: str) -> list[str]:
     return statements
 
 
-class _Writer(threading.Thread):
-    """The single writer: drains the queue and commits everything queued in one transaction."""
+class _Writer:
+    """Group commit: the statements run on the event loop, only the durable COMMIT on a thread.
+
+    Every write queued while a commit is in flight joins the next batch, which runs in one
+    `BEGIN IMMEDIATE … COMMIT` (each write in its own savepoint, so one failing write does not
+    undo its neighbours). Running the statements on the loop's thread matters: a Python
+    thread must take the GIL back after every sqlite call, and while the loop is busy each
+    hand-over waits up to the switch interval (5 ms), so a writer thread that ran a batch of
+    statements crawled exactly when the gateway was loaded (docs/BENCHMARKS.md). The commit
+    thread takes the GIL twice per batch, whatever its size.
+    """
 
     def __init__(self, path: str, busy_timeout_ms: int, on_write_seconds: Callable[[float], None] | None) -> None:
-        super().__init__(name="gateway-db-writer", daemon=True)
         self._conn = _connect(path, busy_timeout_ms)
         self._conn.execute("PRAGMA wal_autocheckpoint = 0")  # see _Checkpointer
-        self.jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # Taking the write lock on the loop never waits: if another process holds it, the
+        # wait (up to busy_timeout) happens on the commit thread instead.
+        self._busy_ms = int(busy_timeout_ms)
+        self._conn.execute("PRAGMA busy_timeout = 0")
+        self._loop = asyncio.get_running_loop()
+        self._queue: list[tuple[WriteFn[Any], asyncio.Future[Any], float]] = []
+        self._batch: list[tuple[WriteFn[Any], asyncio.Future[Any], float]] = []
+        self._busy = False  # a batch is between BEGIN and the end of its COMMIT
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="gateway-db-commit", daemon=True)
+        self._thread.start()
         self.commits = 0
         self._on_write_seconds = on_write_seconds
 
-    def run(self) -> None:
-        try:
-            while True:
-                job = self.jobs.get()
-                if job is _STOP:
-                    return
-                batch = [job]
-                stop = False
-                while len(batch) < _MAX_BATCH:
-                    try:
-                        more = self.jobs.get_nowait()
-                    except queue.Empty:
-                        break
-                    if more is _STOP:
-                        stop = True
-                        break
-                    batch.append(more)
-                self._commit(batch)
-                if stop:
-                    return
-        finally:
-            self._conn.close()
+    def submit(self, fn: WriteFn[T]) -> asyncio.Future[T]:
+        fut: asyncio.Future[T] = self._loop.create_future()
+        self._queue.append((fn, fut, time.perf_counter()))
+        if not self._busy:
+            # At the end of this loop iteration: writes queued in the same pass share the commit.
+            self._busy = True
+            self._idle.clear()
+            self._loop.call_soon(self._begin)
+        return fut
 
-    def _commit(self, batch: list[tuple[WriteFn[Any], Future[Any], float]]) -> None:
-        conn = self._conn
-        results: list[tuple[Future[Any], bool, Any]] = []
+    async def close(self) -> None:
+        await self._idle.wait()
+        self._jobs.put(_STOP)
+        await asyncio.to_thread(self._thread.join)
+        self._conn.close()
+
+    # -- on the event loop ------------------------------------------------------------------
+    def _begin(self) -> None:
+        self._batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            for fn, fut, _ in batch:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError:
+            self._jobs.put(_BEGIN)  # locked by another process: wait for it off the loop
+            return
+        except sqlite3.Error as exc:
+            self._fail(exc)
+            return
+        self._run_batch()
+
+    def _run_batch(self) -> None:
+        conn = self._conn
+        results: list[tuple[bool, Any]] = []
+        try:
+            for fn, _, _ in self._batch:
                 conn.execute("SAVEPOINT w")
                 try:
                     value = fn(conn)
                 except Exception as exc:
                     conn.execute("ROLLBACK TO w")
                     conn.execute("RELEASE w")
-                    results.append((fut, False, exc))
+                    results.append((False, exc))
                 else:
                     conn.execute("RELEASE w")
-                    results.append((fut, True, value))
-            conn.execute("COMMIT")
-            committed = time.perf_counter()
-            self.commits += 1
+                    results.append((True, value))
         except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            error = StorageError(f"database write failed: {exc}")
-            for _, fut, _ in batch:
-                fut.set_exception(error)
+            self._rollback()
+            self._fail(exc)
             return
-        # Observed before the callers are woken (about a microsecond each, against a
-        # millisecond fsync), so a caller that resumes after its write sees it counted.
+        self._jobs.put(results)
+
+    def _committed(self, results: list[tuple[bool, Any]], committed: float) -> None:
+        batch, self._batch = self._batch, []
+        self.commits += 1
+        # Observed before the callers resume, so a caller that resumes sees its write counted.
         observe = self._on_write_seconds
         if observe is not None:
             try:
@@ -183,11 +206,59 @@ class _Writer(threading.Thread):
                     observe(committed - queued)
             except Exception:  # a broken hook must not leave the callers waiting forever
                 log.exception("on_write_seconds hook failed")
-        for fut, ok, value in results:
+        for (_, fut, _), (ok, value) in zip(batch, results, strict=True):
+            if fut.done():
+                continue
             if ok:
                 fut.set_result(value)
             else:
                 fut.set_exception(value)
+        self._next()
+
+    def _fail(self, exc: BaseException) -> None:
+        batch, self._batch = self._batch, []
+        error = StorageError(f"database write failed: {exc}")
+        for _, fut, _ in batch:
+            if not fut.done():
+                fut.set_exception(error)
+        self._next()
+
+    def _next(self) -> None:
+        if self._queue:
+            self._begin()
+        else:
+            self._busy = False
+            self._idle.set()
+
+    def _rollback(self) -> None:
+        if self._conn.in_transaction:
+            try:
+                self._conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                log.exception("rollback failed")
+
+    # -- on the commit thread -----------------------------------------------------------------
+    def _run(self) -> None:
+        conn, loop = self._conn, self._loop
+        while True:
+            job = self._jobs.get()
+            if job is _STOP:
+                return
+            try:
+                if job is _BEGIN:
+                    conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+                    try:
+                        conn.execute("BEGIN IMMEDIATE")
+                    finally:
+                        conn.execute("PRAGMA busy_timeout = 0")
+                    loop.call_soon_threadsafe(self._run_batch)
+                    continue
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                loop.call_soon_threadsafe(self._fail, exc)
+                continue
+            loop.call_soon_threadsafe(self._committed, job, time.perf_counter())
 
 
 class _Checkpointer(threading.Thread):
@@ -238,7 +309,6 @@ class Database:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(apply_migrations, self.path, self._busy)
         self._writer = _Writer(self.path, self._busy, self.on_write_seconds)
-        self._writer.start()
         self._checkpointer = _Checkpointer(self.path, self._busy)
         self._checkpointer.start()
         reader = await aiosqlite.connect(self.path, isolation_level=None)
@@ -249,8 +319,7 @@ class Database:
 
     async def close(self) -> None:
         if self._writer is not None:
-            self._writer.jobs.put(_STOP)
-            await asyncio.to_thread(self._writer.join)
+            await self._writer.close()
             self._writer = None
         if self._checkpointer is not None:
             self._checkpointer.stopping.set()
@@ -274,9 +343,7 @@ class Database:
         """
         if self._writer is None:
             raise StorageError("database is closed")
-        cfut: Future[T] = Future()
-        self._writer.jobs.put((fn, cfut, time.perf_counter()))
-        return await asyncio.shield(asyncio.wrap_future(cfut))
+        return await asyncio.shield(self._writer.submit(fn))
 
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
         rows = await self.fetchall(sql, params)
