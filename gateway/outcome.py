@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 PENDING = "pending"
@@ -44,8 +43,8 @@ def _rfc3339(second: int) -> str:
 
 
 def rfc3339(ts: float) -> str:
-    """Unix seconds → `2026-11-22T10:00:00Z` (UTC, whole seconds)."""
-    return datetime.fromtimestamp(int(ts), tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """Unix seconds → `2026-11-22T10:00:00Z` (UTC, whole seconds); cached per second."""
+    return _rfc3339(int(ts))
 
 
 @dataclass(frozen=True)

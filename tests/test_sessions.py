@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from gateway.broker import Broker
+from gateway.errors import StorageError
 from gateway.outcome import Outcome
 from gateway.sessions import Sessions, new_session_id, public_ref
 from gateway.storage import Database, apply_migrations, migration_files
@@ -133,3 +134,49 @@ async def test_the_wal_is_checkpointed_off_the_writer(db_path: Path) -> None:
     assert not wal.exists() or wal.stat().st_size == 0
     with sqlite3.connect(db_path) as conn:
         assert conn.execute("SELECT COUNT(*) FROM sessions").fetchone()[0] == 2000
+
+
+async def test_a_write_lock_held_by_another_process_is_waited_for_off_the_loop(db_path: Path) -> None:
+    db = Database(str(db_path), busy_timeout_ms=10_000)
+    await db.open()
+    other = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        sessions = Sessions(db, Broker(16))
+        other.execute("BEGIN IMMEDIATE")  # e.g. an operator's sqlite3 shell in a write
+        sid = new_session_id()
+        create = asyncio.create_task(sessions.create(session_id=sid, provider="truecaller", ttl=60))
+        started = asyncio.get_running_loop().time()
+        await asyncio.sleep(0.05)
+        # The loop kept running: the write waits on the commit thread, not in the loop.
+        assert asyncio.get_running_loop().time() - started < 2.0
+        assert not create.done()
+        other.execute("COMMIT")
+        await asyncio.wait_for(create, 10)
+        assert await sessions.get(sid) is not None
+        # and the next write takes the lock on the loop again
+        await sessions.create(session_id=new_session_id(), provider="truecaller", ttl=60)
+    finally:
+        other.close()
+        await db.close()
+
+
+async def test_a_write_that_cannot_get_the_lock_fails_cleanly_and_the_next_one_works(db_path: Path) -> None:
+    db = Database(str(db_path), busy_timeout_ms=50)
+    await db.open()
+    other = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        sessions = Sessions(db, Broker(16))
+        other.execute("BEGIN IMMEDIATE")
+        results = await asyncio.gather(
+            *(sessions.create(session_id=new_session_id(), provider="truecaller", ttl=60) for _ in range(3)),
+            return_exceptions=True,
+        )
+        assert all(isinstance(r, StorageError) for r in results)
+        other.execute("COMMIT")
+        sid = new_session_id()
+        await sessions.create(session_id=sid, provider="truecaller", ttl=60)
+        rows = await db.fetchall("SELECT id FROM sessions")
+        assert [r["id"] for r in rows] == [sid]  # nothing of the failed batch was stored
+    finally:
+        other.close()
+        await db.close()
