@@ -184,3 +184,42 @@ async def test_hostile_bodies_are_400s_not_500s(gw: Running, db_path: Path) -> N
         newline = await c.post("/v1/sessions", json={"provider": "truecaller", "phone": "+4915123456789\n"})
         assert newline.status_code == 400 and newline.json()["error"]["code"] == "invalid_phone"
     assert count_sessions(db_path) == 0
+
+
+async def test_hot_routes_answer_alike_with_and_without_the_middleware(
+    gw: Running, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """POST /v1/sessions and the Truecaller callback skip Starlette's layers when no Origin is
+    sent (app.EndpointDoor); through either path, the answers are the same."""
+    origin = {"origin": "https://evil.example"}  # not allowed: only the full stack sees it, and adds nothing
+    as_json = {"content-type": "application/json"}
+    requests = [
+        ("/v1/sessions", b'{"provider": "truecaller"}'),
+        ("/v1/sessions", b'{"provider": "whatsapp"}'),
+        ("/v1/sessions", b"{"),
+        ("/v1/sessions", b'{"provider": "truecaller", "user_ref": "' + b"x" * 17000 + b'"}'),
+        ("/v1/callbacks/truecaller", b'{"requestId": "' + b"n" * 32 + b'", "status": "flow_invoked"}'),
+    ]
+    async with gw.client() as c:
+        for path, body in requests:
+            door = await c.post(path, content=body, headers=as_json)
+            stack = await c.post(path, content=body, headers={**as_json, **origin})
+            assert door.status_code == stack.status_code, path
+            assert door.headers["content-type"] == stack.headers["content-type"] == "application/json"
+            assert door.headers["vary"] == stack.headers["vary"] == "Origin"
+            assert door.headers.get("cache-control") == stack.headers.get("cache-control")
+            assert len(door.headers["x-request-id"]) == 16
+            if door.status_code >= 400:
+                assert door.json() == stack.json()
+            else:
+                assert set(door.json()) == set(stack.json()) and door.json()["id"] != stack.json()["id"]
+
+        async def broken_create(**kwargs: object) -> None:
+            raise RuntimeError("storage exploded")
+
+        before = count_sessions(db_path)
+        monkeypatch.setattr(gw.gateway.sessions, "create", broken_create)
+        for headers in ({}, origin):
+            r = await c.post("/v1/sessions", json={"provider": "truecaller"}, headers=headers)
+            assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+        assert count_sessions(db_path) == before
