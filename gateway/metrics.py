@@ -12,6 +12,8 @@ Exported (the `_total` / `_bucket` suffixes are added by the exposition format):
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -44,6 +46,7 @@ class Metrics:
             "gateway_db_write_seconds", "Time from queueing a write to its durable commit", buckets=_FAST, registry=r
         )
 
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         # Known series start at zero, so rate() and absent() work before the first event.
         for provider in ("truecaller", "veriphone"):
             self.sessions_created.labels(provider)
@@ -51,17 +54,26 @@ class Metrics:
         self.fetch_seconds.labels("truecaller", "profile")
         self.fetch_seconds.labels("veriphone", "result")
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, remembered: `labels()` costs a lock and a few µs per call
+        on the hot path. Label values come from small fixed sets, so this stays small."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def session_created(self, provider: str) -> None:
-        self.sessions_created.labels(provider).inc()
+        self._child(self.sessions_created, provider).inc()
 
     def outcome(self, provider: str, status: str, reason: str | None) -> None:
-        self.outcomes.labels(provider, status, reason or "").inc()
+        self._child(self.outcomes, provider, status, reason or "").inc()
 
     def callback_handled(self, provider: str, seconds: float) -> None:
-        self.callback_seconds.labels(provider).observe(seconds)
+        self._child(self.callback_seconds, provider).observe(seconds)
 
     def fetched(self, provider: str, operation: str, seconds: float) -> None:
-        self.fetch_seconds.labels(provider, operation).observe(seconds)
+        self._child(self.fetch_seconds, provider, operation).observe(seconds)
 
     def provider_error(self, provider: str, kind: str) -> None:
         self.provider_errors.labels(provider, kind).inc()

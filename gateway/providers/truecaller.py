@@ -141,7 +141,7 @@ class Truecaller:
                 return await self._on_status(session, parsed.status)
             return await self._on_token(session, parsed)
         finally:
-            self.gw.metrics.callback_seconds.labels(self.name).observe(time.monotonic() - started)
+            self.gw.metrics.callback_handled(self.name, time.monotonic() - started)
 
     async def _on_status(self, session: Session, status: str) -> Response:
         ref = public_ref(session.id)
@@ -267,7 +267,7 @@ class Truecaller:
             attempts=self.fetch_attempts,
             backoff=self.fetch_backoff,
         )
-        self.gw.metrics.fetch_seconds.labels(self.name, "profile").observe(time.monotonic() - started)
+        self.gw.metrics.fetched(self.name, "profile", time.monotonic() - started)
         return self._decode(ref, result, phone)
 
     def _decode(self, ref: str, result: FetchResult, phone: str | None) -> Outcome:
