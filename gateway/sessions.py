@@ -197,16 +197,27 @@ class Sessions:
         return await self.db.write(update)
 
     async def progress(
-        self, session_id: str, stage: str, *, before: Callable[[sqlite3.Connection], bool] | None = None
+        self,
+        session_id: str,
+        stage: str,
+        *,
+        before: Callable[[sqlite3.Connection], bool] | None = None,
+        expires_at: float | None = None,
     ) -> bool:
         """Record and publish a progress stage; ignored (False) once the session is terminal.
 
         `before` runs first in the same transaction; returning False skips the event (one
-        durable commit instead of two on a hot path).
+        durable commit instead of two on a hot path). `expires_at` moves the deadline with it.
         """
-        return await asyncio.shield(self._progress(session_id, stage, before))
+        return await asyncio.shield(self._progress(session_id, stage, before, expires_at))
 
-    async def _progress(self, session_id: str, stage: str, before: Callable[[sqlite3.Connection], bool] | None) -> bool:
+    async def _progress(
+        self,
+        session_id: str,
+        stage: str,
+        before: Callable[[sqlite3.Connection], bool] | None,
+        expires_at: float | None,
+    ) -> bool:
         data = {"stage": stage}
         encoded = json.dumps(data, separators=(",", ":"))
         now = self.clock()
@@ -221,7 +232,10 @@ class Sessions:
             )
             if cur.rowcount != 1:
                 return None
-            conn.execute("UPDATE sessions SET updated_at = ? WHERE id = ?", (now, session_id))
+            conn.execute(
+                "UPDATE sessions SET updated_at = ?, expires_at = COALESCE(?, expires_at) WHERE id = ?",
+                (now, expires_at, session_id),
+            )
             return cur.lastrowid
 
         row_id = await self.db.write(insert)

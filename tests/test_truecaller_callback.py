@@ -1,16 +1,21 @@
-"""Parsing Truecaller callback bodies (pure, table-driven)."""
+"""Parsing Truecaller callback bodies (pure, table-driven), and how a token callback is stored."""
 
 from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
 
 import pytest
 
 from gateway.errors import BadRequest
+from gateway.providers.truecaller import TOKEN_MEMORY, _store_callback
 from gateway.providers.truecaller_callback import (
     StatusCallback,
     TokenCallback,
     loggable_status,
     parse_callback,
 )
+from gateway.storage import apply_migrations
 
 ENDPOINT = "https://profile4-noneu.truecaller.com/v1/default"
 RID = "RL8YZ41FQMt5Jiak2sc_Ys0OgQA="
@@ -76,3 +81,30 @@ def test_malformed_bodies_get_stable_codes(body: dict[str, object], code: str) -
 )
 def test_only_short_snake_case_statuses_are_logged(status: str, shown: str) -> None:
     assert loggable_status(status) == shown
+
+
+def test_a_token_binds_to_one_session_until_its_memory_runs_out(tmp_path: Path) -> None:
+    path = str(tmp_path / "tokens.db")
+    apply_migrations(path)
+    conn = sqlite3.connect(path, isolation_level=None)
+    for sid in ("s-1", "s-2", "s-3"):
+        conn.execute(
+            "INSERT INTO sessions (id, provider, created_at, updated_at, expires_at)"
+            " VALUES (?, 'truecaller', 0, 0, 9e9)",
+            (sid,),
+        )
+    sweep = [0.0]
+
+    def store(sid: str, token: str, at: float) -> str:
+        return _store_callback(sid, "https://p.example/v1", token, at, at + 600, sweep)(conn)
+
+    assert store("s-1", "tok-a", 1000.0) == "stored"
+    assert store("s-1", "tok-a", 1000.1) == "repeat"  # the same callback again
+    assert store("s-2", "tok-a", 1000.2) == "reused"  # login CSRF: refused
+    assert store("s-2", "tok-b", 1000.3) == "stored"
+    assert conn.execute("SELECT COUNT(*) FROM truecaller_tokens_used").fetchone()[0] == 2
+    # once the token's life and the margin have passed, its hash is swept away
+    later = 1000.0 + TOKEN_MEMORY + 1
+    assert store("s-3", "tok-c", later) == "stored"
+    assert [r[0] for r in conn.execute("SELECT session_id FROM truecaller_tokens_used")] == ["s-3"]
+    conn.close()

@@ -100,6 +100,7 @@ class Truecaller:
         # Sessions whose fetch runs in this process; the durable insert already allows only
         # one per session, this also covers a resume racing anything else in-process.
         self._fetching: set[str] = set()
+        self._token_sweep = [0.0]  # see _store_callback
 
     async def prepare(self, *, session_id: str, phone: str | None, user_ref: str | None, request: Request) -> Prepared:
         nonce = new_nonce()
@@ -170,20 +171,19 @@ class Truecaller:
             raise
         received = self.gw.sessions.clock()
         token_expires_at = received + TOKEN_LIFETIME
-        store = _store_callback(session.id, endpoint.url, callback.access_token, received, token_expires_at)
+        store = _store_callback(
+            session.id, endpoint.url, callback.access_token, received, token_expires_at, self._token_sweep
+        )
         stored: list[StoreResult] = []
 
         def accept(conn: sqlite3.Connection) -> bool:
             # Store the token, outlive the fetch and announce it in one durable commit.
             stored.append(store(conn))
-            if stored[0] == "stored":
-                conn.execute(
-                    "UPDATE sessions SET expires_at = ? WHERE id = ? AND status = 'pending'",
-                    (token_expires_at + EXPIRY_GRACE, session.id),
-                )
             return stored[0] == "stored"
 
-        await self.gw.sessions.progress(session.id, "profile_fetching", before=accept)
+        await self.gw.sessions.progress(
+            session.id, "profile_fetching", before=accept, expires_at=token_expires_at + EXPIRY_GRACE
+        )
         if stored[0] == "reused":
             self.gw.metrics.provider_errors.labels(self.name, "token_reused").inc()
             log.warning(
@@ -310,19 +310,28 @@ TOKEN_MEMORY = TOKEN_LIFETIME + 300
 
 
 def _store_callback(
-    session_id: str, endpoint: str, token: str, received_at: float, token_expires_at: float
+    session_id: str, endpoint: str, token: str, received_at: float, token_expires_at: float, sweep: list[float]
 ) -> Callable[[sqlite3.Connection], StoreResult]:
-    """A write that stores the first token callback of a still-pending session."""
+    """A write that stores the first token callback of a still-pending session.
+
+    `sweep[0]` is when old token hashes are next deleted, shared by the writes of one provider.
+    """
 
     token_hash = hashlib.sha256(token.encode()).hexdigest()
 
     def store(conn: sqlite3.Connection) -> StoreResult:
-        conn.execute("DELETE FROM truecaller_tokens_used WHERE used_at < ?", (received_at - TOKEN_MEMORY,))
+        if not sweep[0] - 1.0 <= received_at < sweep[0]:  # forget old token hashes, at most once a second
+            sweep[0] = received_at + 1.0
+            conn.execute("DELETE FROM truecaller_tokens_used WHERE used_at < ?", (received_at - TOKEN_MEMORY,))
+        # Bind the token to this session unless it is bound already; either way the row that
+        # holds it comes back. A token proves one consent, for one session.
         bound = conn.execute(
-            "SELECT session_id FROM truecaller_tokens_used WHERE token_hash = ?", (token_hash,)
+            "INSERT INTO truecaller_tokens_used (token_hash, session_id, used_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (token_hash) DO UPDATE SET used_at = used_at RETURNING session_id",
+            (token_hash, session_id, received_at),
         ).fetchone()
-        if bound is not None and bound[0] != session_id:
-            return "reused"  # a token proves one consent, for one session
+        if bound[0] != session_id:
+            return "reused"
         # One statement decides: the session must be pending and have no callback yet, so of
         # any number of racing callbacks exactly one is stored and goes on to fetch.
         cur = conn.execute(
@@ -332,10 +341,6 @@ def _store_callback(
             (endpoint, token, received_at, token_expires_at, session_id),
         )
         if cur.rowcount == 1:
-            conn.execute(
-                "INSERT OR IGNORE INTO truecaller_tokens_used (token_hash, session_id, used_at) VALUES (?, ?, ?)",
-                (token_hash, session_id, received_at),
-            )
             return "stored"
         pending = conn.execute("SELECT 1 FROM sessions WHERE id = ? AND status = 'pending'", (session_id,)).fetchone()
         return "repeat" if pending else "gone"
