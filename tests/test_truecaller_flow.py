@@ -537,3 +537,26 @@ async def test_restart_resumes_interrupted_fetches(db_path: Path) -> None:
 
 def merge_server(overrides: dict[str, Any], **server: Any) -> dict[str, Any]:
     return {**overrides, "server": server}
+
+
+async def test_the_profile_is_fetched_while_the_token_commits_and_the_outcome_waits_for_it(env: Env) -> None:
+    sid, nonce = await env.start()
+    token = env.fake.issue_token(PHONE)
+    before = env.fake.request_count
+    lock = sqlite3.connect(env.db_path, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")  # the gateway's commit of the token has to wait for this
+    try:
+        answer = asyncio.ensure_future(env.token_callback(nonce, token))
+        async with asyncio.timeout(5):
+            while env.fake.request_count == before:
+                await asyncio.sleep(0.01)
+        # The profile came while the token was not durable: no answer yet, nothing stored.
+        await asyncio.sleep(0.05)
+        assert not answer.done()
+        assert lock.execute("SELECT status FROM sessions WHERE id = ?", (sid,)).fetchone()[0] == "pending"
+    finally:
+        lock.execute("COMMIT")
+        lock.close()
+    assert (await answer).status_code == 200
+    assert (await env.wait_outcome(sid))["status"] == "verified"
+    assert env.fake.request_count == before + 1

@@ -8,6 +8,7 @@ is deleted once the outcome is written. The access token is a secret: it is neve
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import secrets
@@ -171,6 +172,7 @@ class Truecaller:
             raise
         received = self.gw.sessions.clock()
         token_expires_at = received + TOKEN_LIFETIME
+        token_hash = _token_hash(callback.access_token)
         store = _store_callback(
             session.id, endpoint.url, callback.access_token, received, token_expires_at, self._token_sweep
         )
@@ -181,9 +183,20 @@ class Truecaller:
             stored.append(store(conn))
             return stored[0] == "stored"
 
-        await self.gw.sessions.progress(
-            session.id, "profile_fetching", before=accept, expires_at=token_expires_at + EXPIRY_GRACE
+        # A task of its own: the commit finishes even if Truecaller hangs up on this request.
+        write = asyncio.ensure_future(
+            self.gw.sessions.progress(
+                session.id, "profile_fetching", before=accept, expires_at=token_expires_at + EXPIRY_GRACE
+            )
         )
+        # The profile is fetched while the token is being committed (issue 6: delivery); the
+        # outcome waits for that commit and is dropped unless this callback's token was stored.
+        # Skipped when a fetch already runs for the session or the token is known to belong to
+        # another one, so a replay causes no request.
+        speculative = session.id not in self._fetching and not self._bound_elsewhere(token_hash, session.id)
+        if speculative:
+            self._start_fetch(session.id, session.phone, endpoint, callback.access_token, token_expires_at, gate=write)
+        await asyncio.shield(write)
         if stored[0] == "reused":
             self.gw.metrics.provider_errors.labels(self.name, "token_reused").inc()
             log.warning(
@@ -196,8 +209,13 @@ class Truecaller:
             log.info("truecaller token callback repeated: ignored", extra={"session": ref})
             return _answer("accepted")
         log.info("truecaller token callback accepted", extra={"session": ref})
-        self._start_fetch(session.id, session.phone, endpoint, callback.access_token, token_expires_at)
+        if not speculative:  # e.g. a fetch for a token that lost this race is still running
+            self._start_fetch(session.id, session.phone, endpoint, callback.access_token, token_expires_at, force=True)
         return _answer("accepted")
+
+    def _bound_elsewhere(self, token_hash: str, session_id: str) -> bool:
+        rows = self.gw.db.lookup("SELECT session_id FROM truecaller_tokens_used WHERE token_hash = ?", (token_hash,))
+        return bool(rows) and rows[0][0] != session_id
 
     async def _check(self, url: str) -> CheckedEndpoint:
         return await check_endpoint(
@@ -210,20 +228,38 @@ class Truecaller:
         )
 
     def _start_fetch(
-        self, session_id: str, phone: str | None, endpoint: CheckedEndpoint | str, token: str, token_expires_at: float
+        self,
+        session_id: str,
+        phone: str | None,
+        endpoint: CheckedEndpoint | str,
+        token: str,
+        token_expires_at: float,
+        *,
+        gate: asyncio.Future[bool] | None = None,
+        force: bool = False,
     ) -> None:
-        if session_id in self._fetching:
+        if session_id in self._fetching and not force:
             return
         self._fetching.add(session_id)
         self.gw.spawn(
-            self._fetch(session_id, phone, endpoint, token, token_expires_at),
+            self._fetch(session_id, phone, endpoint, token, token_expires_at, gate),
             name=f"truecaller-fetch-{public_ref(session_id)}",
         )
 
     async def _fetch(
-        self, session_id: str, phone: str | None, endpoint: CheckedEndpoint | str, token: str, token_expires_at: float
+        self,
+        session_id: str,
+        phone: str | None,
+        endpoint: CheckedEndpoint | str,
+        token: str,
+        token_expires_at: float,
+        gate: asyncio.Future[bool] | None,
     ) -> None:
-        """Fetch, decode, finish, forget. Cancelled (shutdown) → the row stays for the next start."""
+        """Fetch, decode, finish, forget. Cancelled (shutdown) → the row stays for the next start.
+
+        With a `gate` (the commit of this token), the outcome is written only once that commit
+        is durable, and only if it stored the token.
+        """
         ref = public_ref(session_id)
         try:
             try:
@@ -232,6 +268,8 @@ class Truecaller:
                 log.exception("truecaller profile fetch crashed", extra={"session": ref})
                 self.gw.metrics.provider_errors.labels(self.name, "bug").inc()
                 outcome = Outcome(FAILED, "provider_error")
+            if gate is not None and not await _opened(gate):
+                return  # another callback's token owns this session, or the session is over
             await self.gw.sessions.finish(session_id, outcome, also=_forgetter(session_id))
         finally:
             self._fetching.discard(session_id)
@@ -309,6 +347,18 @@ StoreResult = Literal["stored", "repeat", "gone", "reused"]
 TOKEN_MEMORY = TOKEN_LIFETIME + 300
 
 
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+async def _opened(gate: asyncio.Future[bool]) -> bool:
+    """Whether the gate's commit stored the token; False if it failed."""
+    try:
+        return await asyncio.shield(gate)
+    except Exception:
+        return False
+
+
 def _store_callback(
     session_id: str, endpoint: str, token: str, received_at: float, token_expires_at: float, sweep: list[float]
 ) -> Callable[[sqlite3.Connection], StoreResult]:
@@ -317,7 +367,7 @@ def _store_callback(
     `sweep[0]` is when old token hashes are next deleted, shared by the writes of one provider.
     """
 
-    token_hash = hashlib.sha256(token.encode()).hexdigest()
+    token_hash = _token_hash(token)
 
     def store(conn: sqlite3.Connection) -> StoreResult:
         if not sweep[0] - 1.0 <= received_at < sweep[0]:  # forget old token hashes, at most once a second
