@@ -192,9 +192,30 @@ class Worker:
         await asyncio.sleep(0)
         return {"closed": n}
 
-    async def op_probe(self, tag: str, endpoint: str, gap: float, concurrency: int) -> dict[str, Any]:
+    async def op_floor(self, path: str, gap: float, count: int) -> dict[str, Any]:
+        """`count` sequential GETs of `path`, `gap` s apart: this machine's round trip at that pace."""
+        http = await self._conn()
+        times: list[float] = []
+        try:
+            for _ in range(count):
+                t0 = time.monotonic()
+                await http.request("GET", path)
+                times.append((time.monotonic() - t0) * 1000)
+                await asyncio.sleep(gap)
+        finally:
+            http.close()
+        return {"rtt_ms": times}
+
+    async def op_probe(
+        self, tag: str, endpoint: str, gap: float, concurrency: int, limit: int | None = None
+    ) -> dict[str, Any]:
         """For each open stream with this tag: send the token callback, time the events on that stream."""
-        targets = [s for s in self.sessions if s.tag == tag and s.stream is not None and not s.stream.closed]
+        targets = [
+            s
+            for s in self.sessions
+            if s.tag == tag and s.stream is not None and not s.stream.closed and "outcome" not in s.stream.event_times
+        ]
+        targets = targets[:limit] if limit is not None else targets
         rows: list[dict[str, float]] = []
         errors = 0
         first_error: str | None = None

@@ -252,3 +252,27 @@ def machine() -> dict[str, object]:
         "versions": versions,
         "nofile_limit": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
     }
+
+
+def fdatasync_ms(directory: Path, gap: float, count: int) -> list[float]:
+    """Overwrite 4 KiB of a file in `directory` and fdatasync it, `count` times `gap` s apart.
+
+    The disk's own price for one durable commit at that pace (SQLite's WAL commit is this plus
+    its bookkeeping); the file is removed afterwards.
+    """
+    path = directory / "bench-fsync.bin"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.pwrite(fd, b"\0" * 65536, 0)
+        os.fsync(fd)
+        out = []
+        for i in range(count):
+            t0 = time.perf_counter()
+            os.pwrite(fd, b"x" * 4096, (i % 16) * 4096)
+            os.fdatasync(fd)
+            out.append((time.perf_counter() - t0) * 1000)
+            time.sleep(gap)
+        return out
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)

@@ -207,6 +207,29 @@ def rows(results: dict[str, Any]) -> list[Row]:
                     "",
                 )
             )
+        b2b = s.get("latency_back_to_back")
+        if b2b:
+            out.append(
+                (
+                    f"{tag} Delivery, samples back to back (machine kept awake), p50/p90/p99/max "
+                    f"({b2b['samples']} samples)",
+                    f"{_dist(b2b['e2e_ms'])} ms",
+                    "",
+                    "",
+                )
+            )
+        floor = s.get("floor_10ms_pace")
+        if floor:
+            out.append(
+                (
+                    f"{tag} Machine floor at the 10 ms pace: GET /healthz round trip; fdatasync of 4 KiB "
+                    "on the database's disk, p50/p99",
+                    f"{_dist(floor['healthz_rtt_ms'], ('p50', 'p99'))} ms; "
+                    f"{_dist(floor['fdatasync_4k_ms'], ('p50', 'p99'))} ms",
+                    "",
+                    "",
+                )
+            )
         leak = s["leak"]
         cycles = leak["delta_after_cycles_kib"]
         out.append(

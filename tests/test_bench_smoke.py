@@ -68,10 +68,14 @@ def test_every_section_has_sane_numbers(smoke: tuple[dict[str, Any], str]) -> No
     assert isinstance(s["kib_per_stream"], float)
     assert s["memory"]["streams"]["rss_kib"] > 10_000
     assert s["idle_cpu"]["cpu_pct_of_one_core"] >= 0
-    lat = s["latency"]
-    assert lat["samples"] == 10 and lat["errors"] == 0
-    assert 0 < lat["e2e_ms"]["p50"] <= lat["e2e_ms"]["p99"] <= lat["e2e_ms"]["max"] < 10_000
-    assert _positive(lat["callback_answer_ms"]["p50"])
+    lat, b2b = s["latency"], s["latency_back_to_back"]
+    assert (lat["samples"], b2b["samples"]) == (7, 3) and lat["errors"] == b2b["errors"] == 0
+    assert (lat["gap_s"], b2b["gap_s"]) == (0.01, 0.0)
+    for one in (lat, b2b):
+        assert 0 < one["e2e_ms"]["p50"] <= one["e2e_ms"]["p99"] <= one["e2e_ms"]["max"] < 10_000
+        assert _positive(one["callback_answer_ms"]["p50"])
+    floor = s["floor_10ms_pace"]
+    assert _positive(floor["healthz_rtt_ms"]["p50"]) and _positive(floor["fdatasync_4k_ms"]["p50"])
     assert s["holder_streams_alive_before_close"] == 40
     assert s["server_open_streams_after_close"] == 0
     assert "delta_after_close_kib" in s["leak"]
