@@ -174,7 +174,7 @@ class Truecaller:
         token_expires_at = received + TOKEN_LIFETIME
         token_hash = _token_hash(callback.access_token)
         store = _store_callback(
-            session.id, endpoint.url, callback.access_token, received, token_expires_at, self._token_sweep
+            session.id, endpoint.url, callback.access_token, received, token_expires_at, self._token_sweep, token_hash
         )
         stored: list[StoreResult] = []
 
@@ -360,14 +360,20 @@ async def _opened(gate: asyncio.Future[bool]) -> bool:
 
 
 def _store_callback(
-    session_id: str, endpoint: str, token: str, received_at: float, token_expires_at: float, sweep: list[float]
+    session_id: str,
+    endpoint: str,
+    token: str,
+    received_at: float,
+    token_expires_at: float,
+    sweep: list[float],
+    token_hash: str | None = None,
 ) -> Callable[[sqlite3.Connection], StoreResult]:
     """A write that stores the first token callback of a still-pending session.
 
     `sweep[0]` is when old token hashes are next deleted, shared by the writes of one provider.
     """
 
-    token_hash = _token_hash(token)
+    token_hash = token_hash or _token_hash(token)
 
     def store(conn: sqlite3.Connection) -> StoreResult:
         if not sweep[0] - 1.0 <= received_at < sweep[0]:  # forget old token hashes, at most once a second
