@@ -218,6 +218,20 @@ class Sessions:
         before: Callable[[sqlite3.Connection], bool] | None,
         expires_at: float | None,
     ) -> bool:
+        insert, data = self._progress_write(session_id, stage, before, expires_at)
+        row_id = await self.db.write(insert)
+        if row_id is None:
+            return False
+        self.broker.publish(session_id, _event(row_id, "progress", data))
+        return True
+
+    def _progress_write(
+        self,
+        session_id: str,
+        stage: str,
+        before: Callable[[sqlite3.Connection], bool] | None,
+        expires_at: float | None,
+    ) -> tuple[Callable[[sqlite3.Connection], int | None], dict[str, Any]]:
         data = {"stage": stage}
         encoded = json.dumps(data, separators=(",", ":"))
         now = self.clock()
@@ -238,11 +252,7 @@ class Sessions:
             )
             return cur.lastrowid
 
-        row_id = await self.db.write(insert)
-        if row_id is None:
-            return False
-        self.broker.publish(session_id, _event(row_id, "progress", data))
-        return True
+        return insert, data
 
     async def finish(
         self, session_id: str, outcome: Outcome, *, also: Callable[[sqlite3.Connection], None] | None = None
@@ -256,6 +266,49 @@ class Sessions:
     async def _finish(
         self, session_id: str, outcome: Outcome, also: Callable[[sqlite3.Connection], None] | None
     ) -> bool:
+        result = await self.db.write(self._finish_write(session_id, outcome, also))
+        return self._finished(session_id, outcome, result)
+
+    async def progress_and_finish(
+        self,
+        session_id: str,
+        stage: str,
+        outcome: Outcome,
+        *,
+        before: Callable[[sqlite3.Connection], bool] | None = None,
+        also: Callable[[sqlite3.Connection], None] | None = None,
+    ) -> bool:
+        """`progress` and then `finish` in one durable commit; nothing (False) if `before` says no.
+
+        The events are the same two as with two commits, published in the same order, so a
+        stream cannot tell; it saves one fsync when the outcome is known soon enough.
+        """
+        return await asyncio.shield(self._progress_and_finish(session_id, stage, outcome, before, also))
+
+    async def _progress_and_finish(
+        self,
+        session_id: str,
+        stage: str,
+        outcome: Outcome,
+        before: Callable[[sqlite3.Connection], bool] | None,
+        also: Callable[[sqlite3.Connection], None] | None,
+    ) -> bool:
+        insert, data = self._progress_write(session_id, stage, before, None)
+        update = self._finish_write(session_id, outcome, also)
+
+        def both(conn: sqlite3.Connection) -> tuple[int, tuple[int, dict[str, Any]] | None] | None:
+            row_id = insert(conn)
+            return None if row_id is None else (row_id, update(conn))
+
+        result = await self.db.write(both)
+        if result is None:
+            return False
+        self.broker.publish(session_id, _event(result[0], "progress", data))
+        return self._finished(session_id, outcome, result[1])
+
+    def _finish_write(
+        self, session_id: str, outcome: Outcome, also: Callable[[sqlite3.Connection], None] | None
+    ) -> Callable[[sqlite3.Connection], tuple[int, dict[str, Any]] | None]:
         now = self.clock()
 
         def update(conn: sqlite3.Connection) -> tuple[int, dict[str, Any]] | None:
@@ -282,7 +335,10 @@ class Sessions:
             assert ins.lastrowid is not None
             return ins.lastrowid, body
 
-        result = await self.db.write(update)
+        return update
+
+    def _finished(self, session_id: str, outcome: Outcome, result: tuple[int, dict[str, Any]] | None) -> bool:
+        """After the commit: publish the outcome the write stored, if it stored one."""
         if result is None:
             return False
         row_id, body = result

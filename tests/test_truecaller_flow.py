@@ -560,3 +560,65 @@ async def test_the_profile_is_fetched_while_the_token_commits_and_the_outcome_wa
     assert (await answer).status_code == 200
     assert (await env.wait_outcome(sid))["status"] == "verified"
     assert env.fake.request_count == before + 1
+
+
+async def test_a_quick_profile_commits_with_the_token_in_one_fsync(env: Env) -> None:
+    """Issue 6 (delivery): token, progress and outcome share one commit when the profile is quick."""
+    sid, nonce = await env.start()
+    token = env.fake.issue_token(PHONE)
+    commits = env.gw.gateway.db.commits
+    events = await env.stream(sid, lambda: _accepted(env.token_callback(nonce, token)))
+    assert env.gw.gateway.db.commits == commits + 1
+    assert [e["event"] for e in events] == ["status", "progress", "outcome"]
+    assert events[2]["data"]["status"] == "verified"
+    assert env.stored_callbacks() == 0  # never stored: the token was forgotten in the same commit
+    assert env.query("SELECT COUNT(*) FROM truecaller_tokens_used WHERE session_id = ?", (sid,)) == [(1,)]
+
+
+async def test_a_slow_profile_lets_the_token_commit_first(env: Env) -> None:
+    sid, nonce = await env.start()
+    token = env.fake.issue_token(PHONE)
+    env.fake.hold = asyncio.Event()  # longer than ONE_COMMIT_WAIT
+    answer = await env.token_callback(nonce, token)
+    assert answer.status_code == 200 and answer.json() == {"status": "accepted"}
+    assert env.fake.request_count == 1  # the fetch started at once and still runs
+    assert env.stored_callbacks() == 1
+    assert (await env.snapshot(sid))["status"] == "pending"
+    env.fake.hold.set()
+    assert (await env.wait_outcome(sid))["status"] == "verified"
+    assert env.fake.request_count == 1
+    assert len(events_of(env, sid, "outcome")) == 1
+
+
+async def test_a_status_callback_waits_for_a_deciding_token_callback(env: Env) -> None:
+    """A rejection that arrives while the token's fetch runs (nothing stored yet) cannot win."""
+    sid, nonce = await env.start()
+    token = env.fake.issue_token(PHONE)
+    env.fake.hold = asyncio.Event()
+    answer = asyncio.ensure_future(env.token_callback(nonce, token))
+    await env.fake.wait_requests(1)
+    assert env.stored_callbacks() == 0  # deciding: the fetch runs before anything is stored
+    late = await env.status_callback(nonce, "user_rejected")
+    assert late.status_code == 200 and late.json() == {"status": "ignored"}
+    assert (await answer).status_code == 200
+    env.fake.hold.set()
+    outcome = await env.wait_outcome(sid)
+    assert outcome["status"] == "verified"
+
+
+async def test_a_status_callback_after_a_one_commit_outcome_is_404(env: Env) -> None:
+    sid, nonce = await env.start()
+    token = env.fake.issue_token(PHONE)
+    env.fake.delay = 0.05  # inside ONE_COMMIT_WAIT: one commit, but a window for the status
+    answer = asyncio.ensure_future(env.token_callback(nonce, token))
+    await env.fake.wait_requests(1)
+    late = await env.status_callback(nonce, "user_rejected")
+    assert late.status_code == 404 and late.json()["error"]["code"] == "session_not_found"
+    assert (await answer).status_code == 200
+    assert (await env.wait_outcome(sid))["status"] == "verified"
+    assert events_of(env, sid, "progress") == [{"stage": "profile_fetching"}]
+
+
+async def _accepted(pending: Awaitable[httpx.Response]) -> None:
+    answer = await pending
+    assert answer.status_code == 200 and answer.json() == {"status": "accepted"}

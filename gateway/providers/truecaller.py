@@ -1,9 +1,12 @@
 """Truecaller mobile-web verification: the deep link, the server callback, the profile fetch.
 
-A token callback is checked (endpoint host rules), stored durably with a conditional insert
-that only the first callback of a session wins, answered at once, and the profile is then
-fetched in a background task. The stored row lets a restarted gateway resume the fetch; it
-is deleted once the outcome is written. The access token is a secret: it is never logged.
+A token callback is checked (endpoint host rules) and the profile fetched at once. If the
+profile comes within `ONE_COMMIT_WAIT`, the token, the progress event and the outcome are
+committed together and then the callback is answered; otherwise the token is stored durably
+alone (a conditional insert that only the first callback of a session wins), the callback
+answered, and the outcome follows when the fetch ends. A stored row lets a restarted gateway
+resume the fetch; it is deleted once the outcome is written. The access token is a secret:
+it is never logged.
 """
 
 from __future__ import annotations
@@ -54,6 +57,10 @@ TOKEN_LIFETIME = 600.0  # Truecaller access tokens live 10 minutes
 EXPIRY_GRACE = 5.0
 # Truecaller wants an answer within 3 s; DNS is the only slow step before it.
 RESOLVE_TIMEOUT = 1.5
+# A token callback waits this long for the profile before it commits the token alone: a
+# profile that comes sooner commits with the token and the outcome in one fsync (the delivery
+# path of issue 6), and the answer to Truecaller is at most this much later.
+ONE_COMMIT_WAIT = 0.25
 
 
 def new_nonce() -> str:
@@ -101,6 +108,8 @@ class Truecaller:
         # Sessions whose fetch runs in this process; the durable insert already allows only
         # one per session, this also covers a resume racing anything else in-process.
         self._fetching: set[str] = set()
+        # Sessions whose token callback waits for its speculative fetch, nothing stored yet.
+        self._deciding: dict[str, asyncio.Future[StoreResult]] = {}
         self._token_sweep = [0.0]  # see _store_callback
 
     async def prepare(self, *, session_id: str, phone: str | None, user_ref: str | None, request: Request) -> Prepared:
@@ -148,6 +157,10 @@ class Truecaller:
     async def _on_status(self, session: Session, status: str) -> Response:
         ref = public_ref(session.id)
         shown = loggable_status(status)
+        if await self._settled(session.id):
+            current = await self.gw.sessions.get(session.id)
+            if current is None or current.terminal:
+                raise NotFound("session_not_found", "no pending Truecaller session has this requestId")
         if await self._has_token(session.id):
             # The user already consented and the fetch owns the outcome; a late status must not race it.
             log.info("truecaller status callback after the token: ignored", extra={"session": ref, "status": shown})
@@ -170,48 +183,116 @@ class Truecaller:
             self.gw.metrics.provider_errors.labels(self.name, "invalid_endpoint").inc()
             log.warning("truecaller token callback refused: endpoint fails the host rules", extra={"session": ref})
             raise
+        await self._settled(session.id)
         received = self.gw.sessions.clock()
         token_expires_at = received + TOKEN_LIFETIME
         token_hash = _token_hash(callback.access_token)
         store = _store_callback(
             session.id, endpoint.url, callback.access_token, received, token_expires_at, self._token_sweep, token_hash
         )
-        stored: list[StoreResult] = []
-
-        def accept(conn: sqlite3.Connection) -> bool:
-            # Store the token, outlive the fetch and announce it in one durable commit.
-            stored.append(store(conn))
-            return stored[0] == "stored"
-
-        # A task of its own: the commit finishes even if Truecaller hangs up on this request.
-        write = asyncio.ensure_future(
-            self.gw.sessions.progress(
-                session.id, "profile_fetching", before=accept, expires_at=token_expires_at + EXPIRY_GRACE
-            )
-        )
-        # The profile is fetched while the token is being committed (issue 6: delivery); the
-        # outcome waits for that commit and is dropped unless this callback's token was stored.
-        # Skipped when a fetch already runs for the session or the token is known to belong to
+        # The profile is fetched at once, before the token is durable (issue 6: delivery),
+        # unless a fetch already runs for the session or the token is known to belong to
         # another one, so a replay causes no request.
         speculative = session.id not in self._fetching and not self._bound_elsewhere(token_hash, session.id)
-        if speculative:
-            self._start_fetch(session.id, session.phone, endpoint, callback.access_token, token_expires_at, gate=write)
-        await asyncio.shield(write)
-        if stored[0] == "reused":
+        decided: asyncio.Future[StoreResult] = asyncio.get_running_loop().create_future()
+        # A task of its own: the commit finishes even if Truecaller hangs up on this request.
+        self.gw.spawn(
+            self._accept(session, endpoint, callback.access_token, token_expires_at, store, speculative, decided),
+            name=f"truecaller-token-{ref}",
+        )
+        stored = await asyncio.shield(decided)
+        if stored == "reused":
             self.gw.metrics.provider_errors.labels(self.name, "token_reused").inc()
             log.warning(
                 "truecaller token callback refused: token already used for another session", extra={"session": ref}
             )
             raise BadRequest("token_already_used", "this access token was already used to verify another session")
-        if stored[0] == "gone":
+        if stored == "gone":
             raise NotFound("session_not_found", "no pending Truecaller session has this requestId")
-        if stored[0] == "repeat":
+        if stored == "repeat":
             log.info("truecaller token callback repeated: ignored", extra={"session": ref})
             return _answer("accepted")
         log.info("truecaller token callback accepted", extra={"session": ref})
-        if not speculative:  # e.g. a fetch for a token that lost this race is still running
-            self._start_fetch(session.id, session.phone, endpoint, callback.access_token, token_expires_at, force=True)
         return _answer("accepted")
+
+    async def _accept(
+        self,
+        session: Session,
+        endpoint: CheckedEndpoint,
+        token: str,
+        token_expires_at: float,
+        store: Callable[[sqlite3.Connection], StoreResult],
+        speculative: bool,
+        decided: asyncio.Future[StoreResult],
+    ) -> None:
+        """Store the token, answer the callback (`decided`), fetch the profile, write the outcome.
+
+        A speculative fetch starts before anything is stored. If it brings the profile within
+        `ONE_COMMIT_WAIT`, the token, the progress event and the outcome share one commit and
+        the callback is answered after it; otherwise the token commits alone while the fetch
+        goes on, and the outcome follows in a second commit. Either way nothing is announced
+        before it is durable, and an outcome is written only if this callback's token was the
+        one stored (`store` said "stored").
+        """
+        sid = session.id
+        stored: list[StoreResult] = []
+
+        def accept(conn: sqlite3.Connection) -> bool:
+            stored.append(store(conn))
+            return stored[0] == "stored"
+
+        fetch: asyncio.Future[Outcome] | None = None
+        try:
+            if speculative:
+                self._fetching.add(sid)
+                self._deciding[sid] = decided
+                fetch = asyncio.ensure_future(self._outcome(sid, session.phone, endpoint, token, token_expires_at))
+                await asyncio.wait((fetch,), timeout=ONE_COMMIT_WAIT)
+            if fetch is not None and fetch.done():
+                await self.gw.sessions.progress_and_finish(
+                    sid, "profile_fetching", fetch.result(), before=accept, also=_forgetter(sid)
+                )
+                decided.set_result(stored[0])
+                return
+            # Store the token, outlive the fetch and announce it in one durable commit.
+            await self.gw.sessions.progress(
+                sid, "profile_fetching", before=accept, expires_at=token_expires_at + EXPIRY_GRACE
+            )
+            decided.set_result(stored[0])
+            if fetch is None:
+                if stored[0] == "stored":  # e.g. a fetch for a token that lost this race is still running
+                    self._start_fetch(sid, session.phone, endpoint, token, token_expires_at, force=True)
+                return
+            outcome = await fetch
+            if stored[0] == "stored":
+                await self.gw.sessions.finish(sid, outcome, also=_forgetter(sid))
+        except BaseException as exc:
+            if fetch is not None:
+                fetch.cancel()
+            if not decided.done():
+                if isinstance(exc, asyncio.CancelledError):
+                    decided.cancel()
+                else:
+                    decided.set_exception(exc)
+            raise
+        finally:
+            if speculative:
+                self._fetching.discard(sid)
+                if self._deciding.get(sid) is decided:
+                    del self._deciding[sid]
+
+    async def _settled(self, session_id: str) -> bool:
+        """Wait until a token callback of this session that is deciding has stored or failed.
+
+        While its speculative fetch runs, nothing of that callback is stored yet; another
+        callback of the session must not overtake it, or a status callback finish a session
+        whose user already consented.
+        """
+        deciding = self._deciding.get(session_id)
+        if deciding is None:
+            return False
+        await asyncio.wait((deciding,))
+        return True
 
     def _bound_elsewhere(self, token_hash: str, session_id: str) -> bool:
         rows = self.gw.db.lookup("SELECT session_id FROM truecaller_tokens_used WHERE token_hash = ?", (token_hash,))
@@ -235,44 +316,36 @@ class Truecaller:
         token: str,
         token_expires_at: float,
         *,
-        gate: asyncio.Future[bool] | None = None,
         force: bool = False,
     ) -> None:
         if session_id in self._fetching and not force:
             return
         self._fetching.add(session_id)
         self.gw.spawn(
-            self._fetch(session_id, phone, endpoint, token, token_expires_at, gate),
+            self._fetch(session_id, phone, endpoint, token, token_expires_at),
             name=f"truecaller-fetch-{public_ref(session_id)}",
         )
 
     async def _fetch(
-        self,
-        session_id: str,
-        phone: str | None,
-        endpoint: CheckedEndpoint | str,
-        token: str,
-        token_expires_at: float,
-        gate: asyncio.Future[bool] | None,
+        self, session_id: str, phone: str | None, endpoint: CheckedEndpoint | str, token: str, token_expires_at: float
     ) -> None:
-        """Fetch, decode, finish, forget. Cancelled (shutdown) → the row stays for the next start.
-
-        With a `gate` (the commit of this token), the outcome is written only once that commit
-        is durable, and only if it stored the token.
-        """
-        ref = public_ref(session_id)
+        """Fetch, decode, finish, forget, for a stored token. Cancelled (shutdown) → the row stays."""
         try:
-            try:
-                outcome = await self._fetch_outcome(session_id, phone, endpoint, token, token_expires_at)
-            except Exception:
-                log.exception("truecaller profile fetch crashed", extra={"session": ref})
-                self.gw.metrics.provider_errors.labels(self.name, "bug").inc()
-                outcome = Outcome(FAILED, "provider_error")
-            if gate is not None and not await _opened(gate):
-                return  # another callback's token owns this session, or the session is over
+            outcome = await self._outcome(session_id, phone, endpoint, token, token_expires_at)
             await self.gw.sessions.finish(session_id, outcome, also=_forgetter(session_id))
         finally:
             self._fetching.discard(session_id)
+
+    async def _outcome(
+        self, session_id: str, phone: str | None, endpoint: CheckedEndpoint | str, token: str, token_expires_at: float
+    ) -> Outcome:
+        """The outcome the profile fetch decides; a bug in it is a provider_error, never a hang."""
+        try:
+            return await self._fetch_outcome(session_id, phone, endpoint, token, token_expires_at)
+        except Exception:
+            log.exception("truecaller profile fetch crashed", extra={"session": public_ref(session_id)})
+            self.gw.metrics.provider_errors.labels(self.name, "bug").inc()
+            return Outcome(FAILED, "provider_error")
 
     async def _fetch_outcome(
         self, session_id: str, phone: str | None, endpoint: CheckedEndpoint | str, token: str, token_expires_at: float
@@ -349,14 +422,6 @@ TOKEN_MEMORY = TOKEN_LIFETIME + 300
 
 def _token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-async def _opened(gate: asyncio.Future[bool]) -> bool:
-    """Whether the gate's commit stored the token; False if it failed."""
-    try:
-        return await asyncio.shield(gate)
-    except Exception:
-        return False
 
 
 def _store_callback(
