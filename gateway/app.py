@@ -50,7 +50,7 @@ class Gateway:
         self.sessions.on_outcome = self.metrics.outcome
         self.db.on_write_seconds = self.metrics.db_write_seconds.observe  # issue 7: metrics
         self.retention = Retention(self.db, settings.sessions.retention, clock=self.sessions.clock)  # issue 7
-        self.memory = MemoryReleaser(self.broker.count)
+        self.memory = MemoryReleaser(self.broker)
         self.http = httpx.AsyncClient(follow_redirects=False, trust_env=False)
         self.profile_http = ProfileClient()  # the Truecaller profile fetch: leaner than httpx on the hot path
         self.providers: dict[str, Provider] = {}

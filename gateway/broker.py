@@ -98,6 +98,7 @@ class Broker:
     def __init__(self, buffer: int = 16) -> None:
         self._subs: dict[str, list[Subscriber]] = {}
         self._count = 0
+        self._peak = 0  # the most subscribers at once since the last take_peak()
         self._buffer = buffer
         self.closed = False
 
@@ -108,6 +109,8 @@ class Broker:
             return sub
         self._subs.setdefault(session_id, []).append(sub)
         self._count += 1
+        if self._count > self._peak:
+            self._peak = self._count
         return sub
 
     def publish(self, session_id: str, event: Event) -> int:
@@ -128,6 +131,11 @@ class Broker:
 
     def count(self) -> int:
         return self._count
+
+    def take_peak(self) -> int:
+        """The most subscribers open at once since the last call; counting restarts from now."""
+        peak, self._peak = self._peak, self._count
+        return peak
 
     def _discard(self, sub: Subscriber) -> None:
         subs = self._subs.get(sub.session_id)

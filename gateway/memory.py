@@ -14,6 +14,7 @@ import ctypes.util
 import gc
 import logging
 from collections.abc import Callable
+from typing import Protocol
 
 log = logging.getLogger("gateway.memory")
 
@@ -36,11 +37,23 @@ def _malloc_trim() -> Callable[[], None] | None:
     return release
 
 
-class MemoryReleaser:
-    """Watches the number of open streams; after a large drop, releases freed memory."""
+class StreamCounter(Protocol):
+    def count(self) -> int: ...
 
-    def __init__(self, open_streams: Callable[[], int], *, drop: int = 1000, interval: float = 2.0) -> None:
-        self._open_streams = open_streams
+    def take_peak(self) -> int:
+        """The most streams open at once since the last call; counting restarts from now."""
+        ...
+
+
+class MemoryReleaser:
+    """Watches the number of open streams; after a large drop, releases freed memory.
+
+    The peak is the counter's own (kept on every subscribe), not sampled: a wave of streams
+    that opens and closes between two checks is seen too.
+    """
+
+    def __init__(self, streams: StreamCounter, *, drop: int = 500, interval: float = 2.0) -> None:
+        self._streams = streams
         self._drop = drop
         self._interval = interval
         self._peak = 0
@@ -49,8 +62,8 @@ class MemoryReleaser:
 
     def check(self) -> bool:
         """Release if the open streams fell by `drop` since their peak; True if it did."""
-        now = self._open_streams()
-        self._peak = max(self._peak, now)
+        now = self._streams.count()
+        self._peak = max(self._peak, self._streams.take_peak(), now)
         if self._peak - now < self._drop:
             return False
         self._peak = now

@@ -65,3 +65,20 @@ def test_migrate_is_idempotent(tmp_path: Path) -> None:
     assert second.returncode == 0 and "none pending" in second.stdout
     with sqlite3.connect(tmp_path / "m.db") as conn:
         assert conn.execute("SELECT COUNT(*) FROM schema_migrations").fetchone()[0] >= 1
+
+
+def test_serve_starts_again_on_glibc_malloc_unless_the_operator_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway import launch
+
+    calls: list[tuple[str, list[str], dict[str, str]]] = []
+    monkeypatch.setattr(launch.os, "execve", lambda path, args, env: calls.append((path, list(args), dict(env))))
+    monkeypatch.setattr(launch.sys, "orig_argv", ["python3", "-X", "dev", "-m", "gateway", "serve", "--port", "1"])
+    monkeypatch.delenv("PYTHONMALLOC", raising=False)
+    launch.exec_with_system_malloc()
+    assert len(calls) == 1
+    path, args, env = calls[0]
+    assert path == sys.executable and args == [sys.executable, "-X", "dev", "-m", "gateway", "serve", "--port", "1"]
+    assert env["PYTHONMALLOC"] == "malloc" and env["PATH"] == launch.os.environ["PATH"]
+    monkeypatch.setenv("PYTHONMALLOC", "pymalloc")
+    launch.exec_with_system_malloc()
+    assert len(calls) == 1  # left alone

@@ -93,6 +93,8 @@ async def test_copied_artifact_serves_creates_a_session_and_exits_zero_on_sigter
         )
     try:
         await wait_ready(f"http://127.0.0.1:{port}", proc, timeout=60)  # the first start unpacks the archive
+        # `serve` started itself again (same pid) on glibc's malloc: memory goes back after streams close
+        assert b"PYTHONMALLOC=malloc" in Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
             created = await client.post("/v1/sessions", json={"provider": "truecaller"})
             assert created.status_code == 201, created.text
