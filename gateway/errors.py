@@ -59,6 +59,12 @@ class UnsupportedMedia(ApiError):
     status_code = 415
 
 
+class Unavailable(ApiError):
+    """The gateway is stopping (or cannot finish the request now); the caller may retry."""
+
+    status_code = 503
+
+
 class ProviderFailure(ApiError):
     """The provider answered with an error (provider_rejected) or not at all (provider_unavailable)."""
 

@@ -622,3 +622,49 @@ async def test_a_status_callback_after_a_one_commit_outcome_is_404(env: Env) -> 
 async def _accepted(pending: Awaitable[httpx.Response]) -> None:
     answer = await pending
     assert answer.status_code == 200 and answer.json() == {"status": "accepted"}
+
+
+async def test_a_repeat_during_a_one_commit_decision_causes_no_second_fetch(env: Env) -> None:
+    sid, nonce = await env.start()
+    token = env.fake.issue_token(PHONE)
+    env.fake.delay = 0.05  # inside ONE_COMMIT_WAIT
+    first = asyncio.ensure_future(env.token_callback(nonce, token))
+    await env.fake.wait_requests(1)
+    repeat = await env.token_callback(nonce, token)
+    # it waited for the first one's decision, which finished the session
+    assert repeat.status_code == 404 and repeat.json()["error"]["code"] == "session_not_found"
+    assert (await first).status_code == 200
+    assert env.fake.request_count == 1
+    assert len(events_of(env, sid, "outcome")) == 1
+
+
+async def test_concurrent_identical_callbacks_fetch_once(env: Env) -> None:
+    sid, nonce = await env.start()
+    token = env.fake.issue_token(PHONE)
+    env.fake.delay = 0.05
+    answers = await asyncio.gather(*(env.token_callback(nonce, token) for _ in range(20)))
+    codes = sorted((a.status_code, a.json().get("status") or a.json()["error"]["code"]) for a in answers)
+    assert (200, "accepted") in codes
+    assert set(codes) <= {(200, "accepted"), (404, "session_not_found")}
+    assert env.fake.request_count == 1
+    assert (await env.wait_outcome(sid))["status"] == "verified"
+    assert len(events_of(env, sid, "outcome")) == 1
+
+
+async def test_a_decision_cut_by_shutdown_is_a_503_and_stores_nothing(env: Env) -> None:
+    sid, nonce = await env.start()
+    token = env.fake.issue_token(PHONE)
+    env.fake.hold = asyncio.Event()
+    answer = asyncio.ensure_future(env.token_callback(nonce, token))
+    await env.fake.wait_requests(1)
+    tasks = [t for t in env.gw.gateway._tasks if t.get_name().startswith("truecaller-token-")]
+    assert len(tasks) == 1
+    tasks[0].cancel()  # what the lifespan does to background work at a stop
+    reply = await answer
+    assert reply.status_code == 503 and reply.json()["error"]["code"] == "shutting_down"
+    assert env.stored_callbacks() == 0 and (await env.snapshot(sid))["status"] == "pending"
+    assert not env.provider._deciding and sid not in env.provider._fetching
+    # Truecaller's retry then goes through
+    env.fake.hold.set()
+    assert (await env.token_callback(nonce, token)).status_code == 200
+    assert (await env.wait_outcome(sid))["status"] == "verified"

@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from gateway.config import TruecallerConfig
-from gateway.errors import BadRequest, NotFound
+from gateway.errors import BadRequest, NotFound, Unavailable
 from gateway.jsonbody import read_json_object
 from gateway.outcome import FAILED, REJECTED, Outcome
 from gateway.providers.base import Prepared
@@ -183,7 +183,11 @@ class Truecaller:
             self.gw.metrics.provider_errors.labels(self.name, "invalid_endpoint").inc()
             log.warning("truecaller token callback refused: endpoint fails the host rules", extra={"session": ref})
             raise
-        await self._settled(session.id)
+        if await self._settled(session.id):
+            # Another callback of this session decided first: it may have finished the session.
+            current = await self.gw.sessions.get(session.id)
+            if current is None or current.terminal:
+                raise NotFound("session_not_found", "no pending Truecaller session has this requestId")
         received = self.gw.sessions.clock()
         token_expires_at = received + TOKEN_LIFETIME
         token_hash = _token_hash(callback.access_token)
@@ -193,13 +197,18 @@ class Truecaller:
         # The profile is fetched at once, before the token is durable (issue 6: delivery),
         # unless a fetch already runs for the session or the token is known to belong to
         # another one, so a replay causes no request.
-        speculative = session.id not in self._fetching and not self._bound_elsewhere(token_hash, session.id)
+        sid = session.id
+        speculative = sid not in self._fetching and not self._bound_elsewhere(token_hash, sid)
         decided: asyncio.Future[StoreResult] = asyncio.get_running_loop().create_future()
+        if speculative:  # before anything else runs: a callback read in the same pass waits for this one
+            self._fetching.add(sid)
+            self._deciding[sid] = decided
         # A task of its own: the commit finishes even if Truecaller hangs up on this request.
-        self.gw.spawn(
+        task = self.gw.spawn(
             self._accept(session, endpoint, callback.access_token, token_expires_at, store, speculative, decided),
             name=f"truecaller-token-{ref}",
         )
+        task.add_done_callback(lambda _: self._decision_over(sid, decided, speculative))
         stored = await asyncio.shield(decided)
         if stored == "reused":
             self.gw.metrics.provider_errors.labels(self.name, "token_reused").inc()
@@ -244,8 +253,6 @@ class Truecaller:
         fetch: asyncio.Future[Outcome] | None = None
         try:
             if speculative:
-                self._fetching.add(sid)
-                self._deciding[sid] = decided
                 fetch = asyncio.ensure_future(self._outcome(sid, session.phone, endpoint, token, token_expires_at))
                 await asyncio.wait((fetch,), timeout=ONE_COMMIT_WAIT)
             if fetch is not None and fetch.done():
@@ -263,23 +270,25 @@ class Truecaller:
                 if stored[0] == "stored":  # e.g. a fetch for a token that lost this race is still running
                     self._start_fetch(sid, session.phone, endpoint, token, token_expires_at, force=True)
                 return
-            outcome = await fetch
-            if stored[0] == "stored":
-                await self.gw.sessions.finish(sid, outcome, also=_forgetter(sid))
+            if stored[0] != "stored":
+                fetch.cancel()  # another token owns the session, or it is over: no use for this profile
+                return
+            await self.gw.sessions.finish(sid, await fetch, also=_forgetter(sid))
         except BaseException as exc:
             if fetch is not None:
                 fetch.cancel()
-            if not decided.done():
-                if isinstance(exc, asyncio.CancelledError):
-                    decided.cancel()
-                else:
-                    decided.set_exception(exc)
+            if not decided.done() and not isinstance(exc, asyncio.CancelledError):
+                decided.set_exception(exc)
             raise
-        finally:
-            if speculative:
-                self._fetching.discard(sid)
-                if self._deciding.get(sid) is decided:
-                    del self._deciding[sid]
+
+    def _decision_over(self, session_id: str, decided: asyncio.Future[StoreResult], speculative: bool) -> None:
+        """When a token callback's task ends, however it ends (also cancelled before it ran)."""
+        if not decided.done():  # cancelled (shutdown) before it stored anything: Truecaller may retry
+            decided.set_exception(Unavailable("shutting_down", "the gateway is stopping; retry"))
+        if speculative:
+            self._fetching.discard(session_id)
+            if self._deciding.get(session_id) is decided:
+                del self._deciding[session_id]
 
     async def _settled(self, session_id: str) -> bool:
         """Wait until a token callback of this session that is deciding has stored or failed.
