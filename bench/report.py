@@ -207,6 +207,17 @@ def rows(results: dict[str, Any]) -> list[Row]:
                     "",
                 )
             )
+            means = lat.get("gateway_mean_ms")
+            if means:
+                out.append(
+                    (
+                        f"{tag} ... inside the gateway (its own /metrics, means): callback handled; of which "
+                        "profile fetch; durable write (queue -> commit)",
+                        f"{means['callback']:.2f}; {means['profile_fetch']:.2f}; {means['durable_write']:.2f} ms",
+                        "",
+                        "",
+                    )
+                )
         b2b = s.get("latency_back_to_back")
         if b2b:
             out.append(

@@ -42,6 +42,12 @@ from bench.procs import BenchError, Service
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
+# (series name, label set) of the histograms `gateway_timings` reads.
+_DELIVERY_SERIES = {
+    "callback": (b"gateway_callback_seconds", b'{provider="truecaller"}'),
+    "profile_fetch": (b"gateway_provider_fetch_seconds", b'{operation="profile",provider="truecaller"}'),
+    "durable_write": (b"gateway_db_write_seconds", b""),
+}
 
 
 @dataclass
@@ -271,6 +277,20 @@ class Bench:
             return -1
         return int(float(match.group(1)))
 
+    def gateway_timings(self, svc: Service) -> dict[str, tuple[float, float]]:
+        """(sum, count) of the gateway's own histograms that split a delivery."""
+        status, body = procs.http_get(svc.port, "/metrics")
+        found: dict[str, tuple[float, float]] = {}
+        if status != 200:
+            return found
+        for key, series in _DELIVERY_SERIES.items():
+            values = []
+            for suffix in (b"_sum", b"_count"):
+                match = re.search(rb"^" + re.escape(series[0] + suffix + series[1]) + rb" ([0-9.e+-]+)$", body, re.M)
+                values.append(float(match.group(1)) if match else float("nan"))
+            found[key] = (values[0], values[1])
+        return found
+
     def wait_open_streams(self, svc: Service, want: int, timeout: float = 30.0) -> int:
         deadline = time.monotonic() + timeout
         while True:
@@ -390,7 +410,9 @@ class Bench:
             log(opts, f"N={n}: delivery latency on {sample} sampled streams ({paced} paced 10 ms apart)")
             for key, gap, limit in (("latency", 0.01, paced), ("latency_back_to_back", 0.0, None)):
                 probe = {"op": "probe", "tag": "sample", "endpoint": self.endpoint, "gap": gap, "concurrency": 1}
+                before = self.gateway_timings(svc)
                 r = pool.call({0: {**probe, "limit": limit}})[0]
+                after = self.gateway_timings(svc)
                 rows = r["rows"]
                 if not rows:
                     continue
@@ -404,6 +426,12 @@ class Bench:
                     "callback_answer_ms": summary([x["answer"] for x in rows]),
                     "progress_event_ms": summary([x["progress"] for x in rows if x["progress"] == x["progress"]]),
                     "push_lag_ms": summary([x["push_lag"] for x in rows if x["push_lag"] == x["push_lag"]]),
+                    # The gateway's own histograms over the same samples: where the time goes.
+                    "gateway_mean_ms": {
+                        k: (after[k][0] - before[k][0]) * 1000 / max(after[k][1] - before[k][1], 1)
+                        for k in after
+                        if k in before
+                    },
                 }
             rtt = pool.call({0: {"op": "floor", "path": "/healthz", "gap": 0.01, "count": 200}})[0]["rtt_ms"]
             db_dir = self.databases[svc.name].parent
