@@ -592,11 +592,7 @@ async def test_a_slow_profile_lets_the_token_commit_first(env: Env) -> None:
 
 async def test_a_status_callback_waits_for_a_deciding_token_callback(env: Env) -> None:
     """A rejection that arrives while the token's fetch runs (nothing stored yet) cannot win."""
-    sid, nonce = await env.start()
-    token = env.fake.issue_token(PHONE)
-    env.fake.hold = asyncio.Event()
-    answer = asyncio.ensure_future(env.token_callback(nonce, token))
-    await env.fake.wait_requests(1)
+    sid, nonce, _, answer = await deciding_callback(env, hold=True)
     assert env.stored_callbacks() == 0  # deciding: the fetch runs before anything is stored
     late = await env.status_callback(nonce, "user_rejected")
     assert late.status_code == 200 and late.json() == {"status": "ignored"}
@@ -607,11 +603,7 @@ async def test_a_status_callback_waits_for_a_deciding_token_callback(env: Env) -
 
 
 async def test_a_status_callback_after_a_one_commit_outcome_is_404(env: Env) -> None:
-    sid, nonce = await env.start()
-    token = env.fake.issue_token(PHONE)
-    env.fake.delay = 0.05  # inside ONE_COMMIT_WAIT: one commit, but a window for the status
-    answer = asyncio.ensure_future(env.token_callback(nonce, token))
-    await env.fake.wait_requests(1)
+    sid, nonce, _, answer = await deciding_callback(env, hold=False)
     late = await env.status_callback(nonce, "user_rejected")
     assert late.status_code == 404 and late.json()["error"]["code"] == "session_not_found"
     assert (await answer).status_code == 200
@@ -625,11 +617,7 @@ async def _accepted(pending: Awaitable[httpx.Response]) -> None:
 
 
 async def test_a_repeat_during_a_one_commit_decision_causes_no_second_fetch(env: Env) -> None:
-    sid, nonce = await env.start()
-    token = env.fake.issue_token(PHONE)
-    env.fake.delay = 0.05  # inside ONE_COMMIT_WAIT
-    first = asyncio.ensure_future(env.token_callback(nonce, token))
-    await env.fake.wait_requests(1)
+    sid, nonce, token, first = await deciding_callback(env, hold=False)
     repeat = await env.token_callback(nonce, token)
     # it waited for the first one's decision, which finished the session
     assert repeat.status_code == 404 and repeat.json()["error"]["code"] == "session_not_found"
@@ -652,11 +640,7 @@ async def test_concurrent_identical_callbacks_fetch_once(env: Env) -> None:
 
 
 async def test_a_decision_cut_by_shutdown_is_a_503_and_stores_nothing(env: Env) -> None:
-    sid, nonce = await env.start()
-    token = env.fake.issue_token(PHONE)
-    env.fake.hold = asyncio.Event()
-    answer = asyncio.ensure_future(env.token_callback(nonce, token))
-    await env.fake.wait_requests(1)
+    sid, nonce, token, answer = await deciding_callback(env, hold=True)
     tasks = [t for t in env.gw.gateway._tasks if t.get_name().startswith("truecaller-token-")]
     assert len(tasks) == 1
     tasks[0].cancel()  # what the lifespan does to background work at a stop
@@ -668,3 +652,20 @@ async def test_a_decision_cut_by_shutdown_is_a_503_and_stores_nothing(env: Env) 
     env.fake.hold.set()
     assert (await env.token_callback(nonce, token)).status_code == 200
     assert (await env.wait_outcome(sid))["status"] == "verified"
+
+
+async def deciding_callback(env: Env, *, hold: bool) -> tuple[str, str, str, asyncio.Future[httpx.Response]]:
+    """A session whose token callback is in flight, its profile fetch already at the fake host.
+
+    `hold`: the fake holds the profile (longer than ONE_COMMIT_WAIT: the token commits alone);
+    otherwise it answers after 0.05 s (inside the wait: one commit). (sid, nonce, token, answer)
+    """
+    sid, nonce = await env.start()
+    token = env.fake.issue_token(PHONE)
+    if hold:
+        env.fake.hold = asyncio.Event()
+    else:
+        env.fake.delay = 0.05
+    answer = asyncio.ensure_future(env.token_callback(nonce, token))
+    await env.fake.wait_requests(1)
+    return sid, nonce, token, answer
