@@ -23,7 +23,7 @@ from gateway import api, demo  # issue 5: demo
 from gateway.accesslog import AccessLog, route_template
 from gateway.broker import Broker
 from gateway.config import Settings
-from gateway.errors import ApiError
+from gateway.errors import ApiError, StorageError
 from gateway.memory import MemoryReleaser
 from gateway.metrics import Metrics
 from gateway.providers.base import Provider
@@ -122,6 +122,13 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, StorageError):
+        # Not a bug of the request: the disk or the file failed. Nothing was committed.
+        log.error("database failure on %s", route_template(request.scope), exc_info=exc)
+        return JSONResponse(
+            {"error": {"code": "database_unavailable", "message": "the database could not be written or read; retry"}},
+            status_code=503,
+        )
     # The route template, never the path: it holds the session id (issue 7).
     log.error("unhandled error on %s", route_template(request.scope), exc_info=exc)
     return JSONResponse(

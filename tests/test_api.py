@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from gateway.errors import StorageError
 from gateway.outcome import Outcome
 from tests.utils import Running
 
@@ -222,4 +223,13 @@ async def test_hot_routes_answer_alike_with_and_without_the_middleware(
         for headers in ({}, origin):
             r = await c.post("/v1/sessions", json={"provider": "truecaller"}, headers=headers)
             assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+        assert count_sessions(db_path) == before
+
+        async def failing_disk(**kwargs: object) -> None:
+            raise StorageError("database write failed: disk I/O error")
+
+        monkeypatch.setattr(gw.gateway.sessions, "create", failing_disk)
+        for headers in ({}, origin):
+            r = await c.post("/v1/sessions", json={"provider": "truecaller"}, headers=headers)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "database_unavailable"
         assert count_sessions(db_path) == before
