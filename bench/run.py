@@ -42,6 +42,15 @@ from bench.procs import BenchError, Service
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
+
+
+def _metric(body: bytes, name: bytes, labels: bytes = b"") -> float | None:
+    """One series of a Prometheus text answer (`labels` as printed, e.g. `{provider="x"}`)."""
+    pattern = rb"^" + re.escape(name) + (re.escape(labels) if labels else rb"(?:\{\})?") + rb" ([0-9.e+-]+)$"
+    match = re.search(pattern, body, re.M)
+    return float(match.group(1)) if match else None
+
+
 # (series name, label set) of the histograms `gateway_timings` reads.
 _DELIVERY_SERIES = {
     "callback": (b"gateway_callback_seconds", b'{provider="truecaller"}'),
@@ -272,10 +281,8 @@ class Bench:
 
     def open_streams_on_server(self, svc: Service) -> int:
         status, body = procs.http_get(svc.port, "/metrics")
-        match = re.search(rb"^gateway_open_streams(?:\{\})? ([0-9.e+]+)$", body, re.M)
-        if status != 200 or match is None:
-            return -1
-        return int(float(match.group(1)))
+        value = _metric(body, b"gateway_open_streams") if status == 200 else None
+        return -1 if value is None else int(value)
 
     def gateway_timings(self, svc: Service) -> dict[str, tuple[float, float]]:
         """(sum, count) of the gateway's own histograms that split a delivery."""
@@ -283,12 +290,9 @@ class Bench:
         found: dict[str, tuple[float, float]] = {}
         if status != 200:
             return found
-        for key, series in _DELIVERY_SERIES.items():
-            values = []
-            for suffix in (b"_sum", b"_count"):
-                match = re.search(rb"^" + re.escape(series[0] + suffix + series[1]) + rb" ([0-9.e+-]+)$", body, re.M)
-                values.append(float(match.group(1)) if match else float("nan"))
-            found[key] = (values[0], values[1])
+        for key, (name, labels) in _DELIVERY_SERIES.items():
+            total, count = (_metric(body, name + suffix, labels) for suffix in (b"_sum", b"_count"))
+            found[key] = (float("nan") if total is None else total, float("nan") if count is None else count)
         return found
 
     def wait_open_streams(self, svc: Service, want: int, timeout: float = 30.0) -> int:

@@ -21,7 +21,7 @@ def exec_with_system_malloc() -> None:
     open stream and a few percent of throughput. A `PYTHONMALLOC` the operator set (even to
     `pymalloc`) is left alone; so is a process that cannot be started again the same way.
     """
-    if "PYTHONMALLOC" in os.environ or not sys.executable or not getattr(sys, "orig_argv", None):
+    if "PYTHONMALLOC" in os.environ or not sys.executable:
         return
     env = {**os.environ, "PYTHONMALLOC": "malloc"}
     try:

@@ -157,10 +157,7 @@ class Truecaller:
     async def _on_status(self, session: Session, status: str) -> Response:
         ref = public_ref(session.id)
         shown = loggable_status(status)
-        if await self._settled(session.id):
-            current = await self.gw.sessions.get(session.id)
-            if current is None or current.terminal:
-                raise NotFound("session_not_found", "no pending Truecaller session has this requestId")
+        await self._settled(session.id)
         if await self._has_token(session.id):
             # The user already consented and the fetch owns the outcome; a late status must not race it.
             log.info("truecaller status callback after the token: ignored", extra={"session": ref, "status": shown})
@@ -183,11 +180,7 @@ class Truecaller:
             self.gw.metrics.provider_errors.labels(self.name, "invalid_endpoint").inc()
             log.warning("truecaller token callback refused: endpoint fails the host rules", extra={"session": ref})
             raise
-        if await self._settled(session.id):
-            # Another callback of this session decided first: it may have finished the session.
-            current = await self.gw.sessions.get(session.id)
-            if current is None or current.terminal:
-                raise NotFound("session_not_found", "no pending Truecaller session has this requestId")
+        await self._settled(session.id)
         received = self.gw.sessions.clock()
         token_expires_at = received + TOKEN_LIFETIME
         token_hash = _token_hash(callback.access_token)
@@ -290,18 +283,20 @@ class Truecaller:
             if self._deciding.get(session_id) is decided:
                 del self._deciding[session_id]
 
-    async def _settled(self, session_id: str) -> bool:
+    async def _settled(self, session_id: str) -> None:
         """Wait until a token callback of this session that is deciding has stored or failed.
 
         While its speculative fetch runs, nothing of that callback is stored yet; another
         callback of the session must not overtake it, or a status callback finish a session
-        whose user already consented.
+        whose user already consented. If that callback finished the session, NotFound.
         """
         deciding = self._deciding.get(session_id)
         if deciding is None:
-            return False
+            return
         await asyncio.wait((deciding,))
-        return True
+        current = await self.gw.sessions.get(session_id)
+        if current is None or current.terminal:
+            raise NotFound("session_not_found", "no pending Truecaller session has this requestId")
 
     def _bound_elsewhere(self, token_hash: str, session_id: str) -> bool:
         rows = self.gw.db.lookup("SELECT session_id FROM truecaller_tokens_used WHERE token_hash = ?", (token_hash,))
