@@ -1,12 +1,14 @@
 """The benchmark's Truecaller profile host: `python -m bench.fake_profile --port P`.
 
-Wraps `gateway.fakes.truecaller.create_fake_truecaller()` (left untouched): a token of the
+Wraps `gateway.providers.truecaller.fake.create_fake_truecaller()` (left untouched): a token of the
 shape `bench-<digits>` needs no registration and reads the profile of the number `+<digits>`
 (so a session created with that phone is `verified`); every other request goes to the fake
 itself (unknown tokens get its documented 401). Benchmark tokens skip the fake's request log,
 which would otherwise grow by one record per verification.
 
-Also answers `GET /readyz` (readiness) and `GET /bench/stats` (how many profiles were served).
+Also answers `GET /readyz` (readiness) and `GET /bench/stats` (how many profiles were served,
+and how many of them to httpx, told by its `User-Agent`: the profile-client A/B checks with it
+which client the gateway really used).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import re
 import uvicorn
 from starlette.types import Receive, Scope, Send
 
-from gateway.fakes.truecaller import PROFILE_PATH, FakeUser, create_fake_truecaller
+from gateway.providers.truecaller.fake import PROFILE_PATH, FakeUser, create_fake_truecaller
 
 BENCH_TOKEN = re.compile(r"bench-([1-9][0-9]{7,14})")
 _JSON = [(b"content-type", b"application/json")]
@@ -32,10 +34,10 @@ def bench_token(digits: str) -> str:
 def create_bench_fake() -> tuple[object, object]:
     """(ASGI app, the fake's state)."""
     fake_app, state = create_fake_truecaller()
-    served = 0
+    served = served_httpx = 0
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        nonlocal served
+        nonlocal served, served_httpx
         if scope["type"] == "http" and scope["method"] == "GET":
             path = scope["path"]
             if path == PROFILE_PATH:
@@ -45,13 +47,16 @@ def create_bench_fake() -> tuple[object, object]:
                 if match:
                     user = FakeUser("+" + match.group(1), "Bench", "User", "bench@example.in", "IN", odd_types=True)
                     served += 1
+                    agent = next((v for k, v in scope["headers"] if k == b"user-agent"), b"")
+                    if agent.startswith(b"python-httpx/"):
+                        served_httpx += 1
                     await _json(send, 200, state.profile(user))
                     return
             elif path == "/readyz":
                 await _json(send, 200, {"status": "ready"})
                 return
             elif path == "/bench/stats":
-                await _json(send, 200, {"served": served, "fake_served": state.served})
+                await _json(send, 200, {"served": served, "served_httpx": served_httpx, "fake_served": state.served})
                 return
         await fake_app(scope, receive, send)
 

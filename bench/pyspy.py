@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 AREAS = {
-    "sqlite (aiosqlite reads + writer thread)": ("aiosqlite", "gateway/storage.py", "sqlite3"),
+    "sqlite (aiosqlite reads + writer thread)": ("aiosqlite", "gateway/storage/sqlite.py", "sqlite3"),
     "uvicorn + httptools": ("uvicorn/",),
     "starlette routing/middleware": ("starlette/",),
-    "gateway access log": ("gateway/accesslog.py",),
+    "gateway access log": ("gateway/web/accesslog.py",),
     "httpx/httpcore (profile fetch)": ("httpx/", "httpcore/"),
     "asyncio event loop": ("asyncio/",),
     "json": ("json/",),

@@ -18,7 +18,7 @@ import uvicorn
 
 from gateway.config import Settings, load_settings
 from gateway.errors import ConfigError, GatewayError
-from gateway.storage import apply_migrations
+from gateway.storage.sqlite import apply_migrations
 
 log = logging.getLogger("gateway")
 

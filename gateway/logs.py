@@ -2,7 +2,7 @@
 
 Only fields passed explicitly through `extra=` are added; callers never pass personal data
 (phone numbers, names, tokens, nonces, uuids, session ids — use `sessions.public_ref`).
-Requests are logged by `gateway.accesslog` with their route template; uvicorn's own access
+Requests are logged by `gateway.web.accesslog` with their route template; uvicorn's own access
 log stays off, and its error logger has URL paths scrubbed from its arguments.
 """
 

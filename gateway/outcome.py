@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,3 +78,18 @@ class Outcome:
             "veriphone": self.veriphone,
             "completed_at": rfc3339(time.time() if completed_at is None else completed_at),
         }
+
+
+# The outcome's personal fields, nulled by retention (the rest stays for operations).
+SCRUBBED_OUTCOME_KEYS = ("phone", "user_ref", "profile")
+
+
+def scrub_outcome(text: str | None) -> str | None:
+    """The outcome JSON with its personal fields set to null (other fields untouched)."""
+    if not text:
+        return text
+    body = json.loads(text)
+    for key in SCRUBBED_OUTCOME_KEYS:
+        if key in body:
+            body[key] = None
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False)

@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import secrets
-import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from gateway import sse
 from gateway.broker import Broker, Event
-from gateway.outcome import EXPIRED, PENDING, Outcome, rfc3339
-from gateway.storage import Database
+from gateway.outcome import EXPIRED, PENDING, Outcome
+from gateway.records import Session, StoredEvent, TokenClaim
+from gateway.storage.base import Finished, Progressed, Store
 
 log = logging.getLogger("gateway.sessions")
 
@@ -38,65 +36,20 @@ def public_ref(session_id: str) -> str:
     return hashlib.sha256(b"gateway-session\x00" + session_id.encode()).hexdigest()[:16]
 
 
-@dataclass(frozen=True, slots=True)
-class Session:
-    id: str
-    provider: str
-    status: str
-    reason: str | None
-    provider_ref: str | None
-    phone: str | None
-    user_ref: str | None
-    provider_data: dict[str, Any]
-    outcome: dict[str, Any] | None
-    created_at: float
-    updated_at: float
-    expires_at: float
-    completed_at: float | None
-
-    @property
-    def terminal(self) -> bool:
-        return self.status != PENDING
-
-    def snapshot(self) -> dict[str, Any]:
-        """The public JSON of `GET /v1/sessions/{id}` and of the `status` event."""
-        return {
-            "id": self.id,
-            "provider": self.provider,
-            "status": self.status,
-            "expires_at": rfc3339(self.expires_at),
-            "updated_at": rfc3339(self.updated_at),
-            "outcome": self.outcome,
-        }
-
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> Session:
-        return cls(
-            id=row["id"],
-            provider=row["provider"],
-            status=row["status"],
-            reason=row["reason"],
-            provider_ref=row["provider_ref"],
-            phone=row["phone"],
-            user_ref=row["user_ref"],
-            provider_data=json.loads(row["provider_data"]) if row["provider_data"] else {},
-            outcome=json.loads(row["outcome"]) if row["outcome"] else None,
-            created_at=row["created_at"],
-            updated_at=row["updated_at"],
-            expires_at=row["expires_at"],
-            completed_at=row["completed_at"],
-        )
-
-
 def _event(row_id: int, kind: str, data: dict[str, Any]) -> Event:
     return Event(id=row_id, kind=kind, frame=sse.event(kind, data, id=str(row_id)), data=data)
 
 
-class Sessions:
-    """The only code that writes sessions and their events."""
+def stored_event(event: StoredEvent) -> Event:
+    """A stored event, framed for streams."""
+    return _event(event.id, event.kind, event.data)
 
-    def __init__(self, db: Database, broker: Broker, clock: Callable[[], float] = time.time) -> None:
-        self.db = db
+
+class Sessions:
+    """The only code that changes sessions: every write goes through the store, then the broker."""
+
+    def __init__(self, store: Store, broker: Broker, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
         self.broker = broker
         self.clock = clock
         # Set when a session with an earlier deadline than the expiry task knows appears.
@@ -132,142 +85,69 @@ class Sessions:
             expires_at=now + ttl,
             completed_at=None,
         )
-        data = json.dumps(session.provider_data, separators=(",", ":"))
-
-        def insert(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO sessions (id, provider, status, provider_ref, phone, user_ref, provider_data,"
-                " created_at, updated_at, expires_at) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?)",
-                (session_id, provider, provider_ref, phone, user_ref, data, now, now, session.expires_at),
-            )
-
-        await self.db.write(insert)
+        await self.store.create(session)
         if session.expires_at < self._next_expiry_pass:
             self.expiry_wakeup.set()
         return session
 
     async def get(self, session_id: str) -> Session | None:
-        rows = self.db.lookup("SELECT * FROM sessions WHERE id = ?", (session_id,))
-        return Session.from_row(rows[0]) if rows else None
+        return await self.store.get(session_id)
 
     async def get_by_ref(self, provider: str, provider_ref: str) -> Session | None:
-        rows = self.db.lookup(
-            "SELECT * FROM sessions WHERE provider_ref = ? AND provider = ?", (provider_ref, provider)
-        )
-        return Session.from_row(rows[0]) if rows else None
+        return await self.store.get_by_ref(provider, provider_ref)
 
     async def get_with_events(self, session_id: str, after_id: int) -> tuple[Session | None, list[Event]]:
-        """The session and its events after `after_id`, in one query (a stream opens with this)."""
-        # A session has a handful of events at most: a bounded point read.
-        rows = self.db.lookup(
-            "SELECT s.*, e.id AS ev_id, e.kind AS ev_kind, e.data AS ev_data FROM sessions s"
-            " LEFT JOIN session_events e ON e.session_id = s.id AND e.id > ? WHERE s.id = ? ORDER BY e.id",
-            (after_id, session_id),
-        )
-        if not rows:
-            return None, []
-        events = [_event(r["ev_id"], r["ev_kind"], json.loads(r["ev_data"])) for r in rows if r["ev_id"] is not None]
-        return Session.from_row(rows[0]), events
+        """The session and its events after `after_id`, in one read (a stream opens with this)."""
+        session, events = await self.store.get_with_events(session_id, after_id)
+        return session, [stored_event(e) for e in events]
 
     async def outcome_event(self, session_id: str) -> Event | None:
-        row = await self.db.fetchone(
-            "SELECT id, kind, data FROM session_events WHERE session_id = ? AND kind = 'outcome'", (session_id,)
-        )
-        return _event(row["id"], row["kind"], json.loads(row["data"])) if row else None
+        event = await self.store.outcome_event(session_id)
+        return stored_event(event) if event else None
 
     async def update_provider_data(
         self, session_id: str, changes: dict[str, Any], *, expires_at: float | None = None
     ) -> bool:
         """Merge `changes` into a pending session's provider data (and move its deadline)."""
-
-        def update(conn: sqlite3.Connection) -> bool:
-            row = conn.execute(
-                "SELECT provider_data FROM sessions WHERE id = ? AND status = 'pending'", (session_id,)
-            ).fetchone()
-            if row is None:
-                return False
-            merged = {**(json.loads(row[0]) if row[0] else {}), **changes}
-            conn.execute(
-                "UPDATE sessions SET provider_data = ?, updated_at = ?, expires_at = COALESCE(?, expires_at)"
-                " WHERE id = ? AND status = 'pending'",
-                (json.dumps(merged, separators=(",", ":")), self.clock(), expires_at, session_id),
-            )
-            return True
-
-        return await self.db.write(update)
+        return await self.store.update_provider_data(session_id, changes, now=self.clock(), expires_at=expires_at)
 
     async def progress(
         self,
         session_id: str,
         stage: str,
         *,
-        before: Callable[[sqlite3.Connection], bool] | None = None,
+        claim: TokenClaim | None = None,
         expires_at: float | None = None,
-    ) -> bool:
-        """Record and publish a progress stage; ignored (False) once the session is terminal.
+    ) -> Progressed:
+        """Record and publish a progress stage; nothing is written once the session is terminal.
 
-        `before` runs first in the same transaction; returning False skips the event (one
-        durable commit instead of two on a hot path). `expires_at` moves the deadline with it.
+        A `claim` (a Truecaller token) is stored first in the same transaction and the event
+        is written only if it was "stored": one durable commit instead of two on a hot path.
+        `expires_at` moves the deadline with it. Runs to completion even if the caller is
+        cancelled.
         """
-        return await asyncio.shield(self._progress(session_id, stage, before, expires_at))
+        return await asyncio.shield(self._progress(session_id, stage, claim, expires_at))
 
     async def _progress(
-        self,
-        session_id: str,
-        stage: str,
-        before: Callable[[sqlite3.Connection], bool] | None,
-        expires_at: float | None,
-    ) -> bool:
-        insert, data = self._progress_write(session_id, stage, before, expires_at)
-        row_id = await self.db.write(insert)
-        if row_id is None:
-            return False
-        self.broker.publish(session_id, _event(row_id, "progress", data))
-        return True
-
-    def _progress_write(
-        self,
-        session_id: str,
-        stage: str,
-        before: Callable[[sqlite3.Connection], bool] | None,
-        expires_at: float | None,
-    ) -> tuple[Callable[[sqlite3.Connection], int | None], dict[str, Any]]:
+        self, session_id: str, stage: str, claim: TokenClaim | None, expires_at: float | None
+    ) -> Progressed:
         data = {"stage": stage}
-        encoded = json.dumps(data, separators=(",", ":"))
-        now = self.clock()
+        done = await self.store.progress(session_id, data, now=self.clock(), expires_at=expires_at, claim=claim)
+        if done.event_id is not None:
+            self.broker.publish(session_id, _event(done.event_id, "progress", data))
+        return done
 
-        def insert(conn: sqlite3.Connection) -> int | None:
-            if before is not None and not before(conn):
-                return None
-            cur = conn.execute(
-                "INSERT INTO session_events (session_id, kind, data, created_at)"
-                " SELECT id, 'progress', ?, ? FROM sessions WHERE id = ? AND status = 'pending'",
-                (encoded, now, session_id),
-            )
-            if cur.rowcount != 1:
-                return None
-            conn.execute(
-                "UPDATE sessions SET updated_at = ?, expires_at = COALESCE(?, expires_at) WHERE id = ?",
-                (now, expires_at, session_id),
-            )
-            return cur.lastrowid
-
-        return insert, data
-
-    async def finish(
-        self, session_id: str, outcome: Outcome, *, also: Callable[[sqlite3.Connection], None] | None = None
-    ) -> bool:
+    async def finish(self, session_id: str, outcome: Outcome, *, release_claim: bool = False) -> bool:
         """Move a pending session to its terminal outcome; False if another writer got there first.
 
-        Runs to completion (write and publish) even if the caller is cancelled.
+        `release_claim` drops the session's stored Truecaller token in the same commit,
+        whoever wins. Runs to completion (write and publish) even if the caller is cancelled.
         """
-        return await asyncio.shield(self._finish(session_id, outcome, also))
+        return await asyncio.shield(self._finish(session_id, outcome, release_claim))
 
-    async def _finish(
-        self, session_id: str, outcome: Outcome, also: Callable[[sqlite3.Connection], None] | None
-    ) -> bool:
-        result = await self.db.write(self._finish_write(session_id, outcome, also))
-        return self._finished(session_id, outcome, result)
+    async def _finish(self, session_id: str, outcome: Outcome, release_claim: bool) -> bool:
+        finished = await self.store.finish(session_id, outcome, now=self.clock(), release_claim=release_claim)
+        return self._finished(session_id, outcome, finished)
 
     async def progress_and_finish(
         self,
@@ -275,74 +155,34 @@ class Sessions:
         stage: str,
         outcome: Outcome,
         *,
-        before: Callable[[sqlite3.Connection], bool] | None = None,
-        also: Callable[[sqlite3.Connection], None] | None = None,
-    ) -> bool:
-        """`progress` and then `finish` in one durable commit; nothing (False) if `before` says no.
+        claim: TokenClaim | None = None,
+        release_claim: bool = False,
+    ) -> Progressed:
+        """`progress` and then `finish` in one durable commit; nothing if the claim is refused.
 
         The events are the same two as with two commits, published in the same order, so a
         stream cannot tell; it saves one fsync when the outcome is known soon enough.
         """
-        return await asyncio.shield(self._progress_and_finish(session_id, stage, outcome, before, also))
+        return await asyncio.shield(self._progress_and_finish(session_id, stage, outcome, claim, release_claim))
 
     async def _progress_and_finish(
-        self,
-        session_id: str,
-        stage: str,
-        outcome: Outcome,
-        before: Callable[[sqlite3.Connection], bool] | None,
-        also: Callable[[sqlite3.Connection], None] | None,
-    ) -> bool:
-        insert, data = self._progress_write(session_id, stage, before, None)
-        update = self._finish_write(session_id, outcome, also)
+        self, session_id: str, stage: str, outcome: Outcome, claim: TokenClaim | None, release_claim: bool
+    ) -> Progressed:
+        data = {"stage": stage}
+        progressed, finished = await self.store.progress_and_finish(
+            session_id, data, outcome, now=self.clock(), claim=claim, release_claim=release_claim
+        )
+        if progressed.event_id is not None:
+            self.broker.publish(session_id, _event(progressed.event_id, "progress", data))
+            self._finished(session_id, outcome, finished)
+        return progressed
 
-        def both(conn: sqlite3.Connection) -> tuple[int, tuple[int, dict[str, Any]] | None] | None:
-            row_id = insert(conn)
-            return None if row_id is None else (row_id, update(conn))
-
-        result = await self.db.write(both)
-        if result is None:
-            return False
-        self.broker.publish(session_id, _event(result[0], "progress", data))
-        return self._finished(session_id, outcome, result[1])
-
-    def _finish_write(
-        self, session_id: str, outcome: Outcome, also: Callable[[sqlite3.Connection], None] | None
-    ) -> Callable[[sqlite3.Connection], tuple[int, dict[str, Any]] | None]:
-        now = self.clock()
-
-        def update(conn: sqlite3.Connection) -> tuple[int, dict[str, Any]] | None:
-            if also is not None:
-                also(conn)  # e.g. clean-up that must commit with the outcome, winner or not
-            row = conn.execute(
-                "SELECT provider, user_ref FROM sessions WHERE id = ? AND status = 'pending'", (session_id,)
-            ).fetchone()
-            if row is None:
-                return None
-            body = outcome.to_json(provider=row["provider"], user_ref=row["user_ref"], completed_at=now)
-            encoded = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
-            cur = conn.execute(
-                "UPDATE sessions SET status = ?, reason = ?, outcome = ?, completed_at = ?, updated_at = ?"
-                " WHERE id = ? AND status = 'pending'",
-                (outcome.status, outcome.reason, encoded, now, now, session_id),
-            )
-            if cur.rowcount != 1:  # pragma: no cover - the single writer makes this unreachable
-                return None
-            ins = conn.execute(
-                "INSERT INTO session_events (session_id, kind, data, created_at) VALUES (?, 'outcome', ?, ?)",
-                (session_id, encoded, now),
-            )
-            assert ins.lastrowid is not None
-            return ins.lastrowid, body
-
-        return update
-
-    def _finished(self, session_id: str, outcome: Outcome, result: tuple[int, dict[str, Any]] | None) -> bool:
+    def _finished(self, session_id: str, outcome: Outcome, finished: Finished | None) -> bool:
         """After the commit: publish the outcome the write stored, if it stored one."""
-        if result is None:
+        if finished is None:
             return False
-        row_id, body = result
-        self.broker.publish(session_id, _event(row_id, "outcome", body))
+        body = finished.body
+        self.broker.publish(session_id, _event(finished.event_id, "outcome", body))
         if self.on_outcome is not None:
             self.on_outcome(body["provider"], outcome.status, outcome.reason)
         log.info(
@@ -353,19 +193,14 @@ class Sessions:
 
     async def expire_due(self) -> int:
         """Expire every pending session whose deadline has passed; returns how many."""
-        rows = await self.db.fetchall(
-            "SELECT id FROM sessions WHERE status = 'pending' AND expires_at <= ? ORDER BY expires_at LIMIT 1000",
-            (self.clock(),),
-        )
         done = 0
-        for row in rows:
-            if await self.finish(row["id"], Outcome(EXPIRED, "timeout")):
+        for session_id in await self.store.due_for_expiry(self.clock(), 1000):
+            if await self.finish(session_id, Outcome(EXPIRED, "timeout")):
                 done += 1
         return done
 
     async def next_deadline(self) -> float | None:
-        row = await self.db.fetchone("SELECT MIN(expires_at) AS t FROM sessions WHERE status = 'pending'")
-        return None if row is None or row["t"] is None else float(row["t"])
+        return await self.store.next_deadline()
 
     async def run_expiry(self, max_sleep: float = 1.0) -> None:
         """Background task: turn overdue pending sessions into `expired` / `timeout`."""

@@ -343,7 +343,7 @@ async def test_demo_veriphone_same_tab_resumes_after_the_redirect(
 
 
 async def sessions_stored(env: Env) -> int:
-    row = await env.gw.gateway.db.fetchone("SELECT COUNT(*) FROM sessions")
+    row = await env.gw.gateway.store.db.fetchone("SELECT COUNT(*) FROM sessions")
     assert row is not None
     return int(row[0])
 

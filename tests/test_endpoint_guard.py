@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from gateway.errors import BadRequest
-from gateway.providers.endpoint_guard import CheckedEndpoint, check_endpoint, parse_host_entry
+from gateway.providers.truecaller.endpoint_guard import CheckedEndpoint, check_endpoint, parse_host_entry
 
 pytestmark = pytest.mark.timeout(5)
 

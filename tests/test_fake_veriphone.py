@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.fakes.veriphone import create_fake_veriphone, fake_state
+from gateway.providers.veriphone.fake import create_fake_veriphone, fake_state
 
 CREATE = "/sdk-api/phone-verification/create-session/v1.0.0"
 RESULT = "/sdk-api/phone-verification/verification-result/v1.0.0"

@@ -17,12 +17,12 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
-from gateway.accesslog import UNMATCHED, AccessLog
 from gateway.config import LoggingConfig
-from gateway.fakes.truecaller import PROFILE_PATH, create_fake_truecaller, post_callback, post_status
-from gateway.fakes.veriphone import create_fake_veriphone, fake_state
 from gateway.logs import JsonFormatter, TextFormatter, configure_logging
 from gateway.outcome import VERIFIED, Outcome
+from gateway.providers.truecaller.fake import PROFILE_PATH, create_fake_truecaller, post_callback, post_status
+from gateway.providers.veriphone.fake import create_fake_veriphone, fake_state
+from gateway.web.accesslog import UNMATCHED, AccessLog
 from tests.utils import RawStream, make_settings, run_gateway, serve_app
 
 pytestmark = pytest.mark.timeout(20)

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from gateway.providers.endpoint_guard import CheckedEndpoint
-from gateway.providers.profile_client import (
+from gateway.providers.truecaller.client import FetchFailed, FetchOk, fetch_profile
+from gateway.providers.truecaller.endpoint_guard import CheckedEndpoint
+from gateway.providers.truecaller.profile_client import (
     CertificateError,
     ConnectError,
     ProfileClient,
@@ -25,7 +26,6 @@ from gateway.providers.profile_client import (
     ResponseTooLarge,
     Timeout,
 )
-from gateway.providers.truecaller_fetch import FetchFailed, FetchOk, fetch_profile
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from gateway.broker import Broker
-from gateway.outcome import REJECTED, VERIFIED, Outcome
-from gateway.retention import Retention, purge_interval, scrub_outcome
+from gateway.outcome import REJECTED, VERIFIED, Outcome, scrub_outcome
+from gateway.retention import Retention, purge_interval
 from gateway.sessions import Sessions
-from gateway.storage import Database
+from gateway.storage.sqlite import SqliteStore
 from tests.utils import make_settings, run_gateway
 
 PHONE = "+919876543210"
@@ -37,8 +37,8 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[Database]:
-    database = Database(str(tmp_path / "retention.db"))
+async def db(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    database = SqliteStore(str(tmp_path / "retention.db"))
     await database.open()
     try:
         yield database
@@ -47,7 +47,7 @@ async def db(tmp_path: Path) -> AsyncIterator[Database]:
 
 
 @pytest.fixture
-def sessions(db: Database, clock: Clock) -> Sessions:
+def sessions(db: SqliteStore, clock: Clock) -> Sessions:
     return Sessions(db, Broker(), clock=clock)
 
 
@@ -65,8 +65,8 @@ async def _finished(sessions: Sessions, session_id: str, outcome: Outcome | None
     await sessions.finish(session_id, outcome or Outcome(VERIFIED, phone=PHONE, profile=dict(PROFILE)))
 
 
-def _row(db: Database, session_id: str) -> dict[str, Any]:
-    with sqlite3.connect(db.path) as conn:
+def _row(db: SqliteStore, session_id: str) -> dict[str, Any]:
+    with sqlite3.connect(db.db.path) as conn:
         conn.row_factory = sqlite3.Row
         row = conn.execute("SELECT * FROM sessions WHERE id = ?", (session_id,)).fetchone()
         events = conn.execute(
@@ -76,7 +76,7 @@ def _row(db: Database, session_id: str) -> dict[str, Any]:
 
 
 async def test_personal_data_is_purged_once_retention_has_passed(
-    db: Database, sessions: Sessions, clock: Clock
+    db: SqliteStore, sessions: Sessions, clock: Clock
 ) -> None:
     retention = Retention(db, 100, clock=clock)
     await _finished(sessions, "s" * 22)
@@ -109,7 +109,7 @@ async def test_personal_data_is_purged_once_retention_has_passed(
     assert session is not None and session.terminal and session.outcome == outcome
 
 
-async def test_pending_and_recent_sessions_are_kept(db: Database, sessions: Sessions, clock: Clock) -> None:
+async def test_pending_and_recent_sessions_are_kept(db: SqliteStore, sessions: Sessions, clock: Clock) -> None:
     retention = Retention(db, 100, clock=clock)
     await sessions.create(session_id="p" * 22, provider="truecaller", ttl=10_000, phone=PHONE, user_ref=USER_REF)
     await _finished(sessions, "o" * 22, Outcome(REJECTED, "user_rejected"))
@@ -123,14 +123,14 @@ async def test_pending_and_recent_sessions_are_kept(db: Database, sessions: Sess
 
 
 async def test_a_pass_works_in_batches_and_purges_each_session_once(
-    db: Database, sessions: Sessions, clock: Clock
+    db: SqliteStore, sessions: Sessions, clock: Clock
 ) -> None:
     retention = Retention(db, 0, clock=clock, batch=2)
     for i in range(5):
         await _finished(sessions, f"batch-session-{i:08d}")
-    commits = db.commits
+    commits = db.db.commits
     assert await retention.purge_once() == 5
-    assert db.commits - commits == 3  # 2 + 2 + 1
+    assert db.db.commits - commits == 3  # 2 + 2 + 1
     first = [_row(db, f"batch-session-{i:08d}")["purged_at"] for i in range(5)]
     clock.now += 1000
     assert await retention.purge_once() == 0
@@ -159,7 +159,7 @@ def test_interval_is_half_the_retention_capped_at_a_minute(retention: float, int
 
 
 async def test_run_purges_every_interval_and_survives_a_failing_pass(
-    db: Database, sessions: Sessions, clock: Clock, caplog: pytest.LogCaptureFixture
+    db: SqliteStore, sessions: Sessions, clock: Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
     retention = Retention(db, 20, clock=clock)
     await _finished(sessions, "l" * 22)
@@ -188,6 +188,6 @@ async def test_the_gateway_runs_retention_in_the_background(tmp_path: Path) -> N
         gateway = running.gateway
         assert gateway.retention.retention == 30 and gateway.retention.interval == 15
         assert gateway.retention.clock is gateway.sessions.clock
-        task = gateway._retention
+        task = gateway.periodic["retention"]
         assert not task.done()
     assert task.cancelled()

@@ -23,10 +23,9 @@ import pytest_asyncio
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from gateway.demo import SANDBOX_HOOK
 from gateway.errors import ConfigError
-from gateway.fakes.truecaller import FakeTruecallerState
-from gateway.fakes.veriphone import FakeVeriphoneState
+from gateway.providers.truecaller.fake import FakeTruecallerState
+from gateway.providers.veriphone.fake import FakeVeriphoneState
 from gateway.sandbox import (
     DEFAULT_TRUECALLER_PHONE,
     apply_sandbox,
@@ -34,6 +33,7 @@ from gateway.sandbox import (
     loopback_base,
     parse_deeplink,
 )
+from gateway.web.demo import SANDBOX_HOOK
 from tests.utils import RawStream, Running, make_settings, parse_sse, run_gateway, run_sandbox_gateway, to_toml
 
 pytestmark = pytest.mark.timeout(20)

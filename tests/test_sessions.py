@@ -13,12 +13,12 @@ from gateway.broker import Broker
 from gateway.errors import StorageError
 from gateway.outcome import Outcome
 from gateway.sessions import Sessions, new_session_id, public_ref
-from gateway.storage import Database, apply_migrations, migration_files
+from gateway.storage.sqlite import SqliteStore, apply_migrations, migration_files
 
 
 @pytest.fixture
 async def sessions(db_path: Path) -> AsyncIterator[Sessions]:
-    db = Database(str(db_path))
+    db = SqliteStore(str(db_path))
     await db.open()
     try:
         yield Sessions(db, Broker(16))
@@ -41,7 +41,7 @@ async def test_writer_uses_full_sync_and_wal(sessions: Sessions) -> None:
     def pragmas(conn: sqlite3.Connection) -> tuple[int, str]:
         return conn.execute("PRAGMA synchronous").fetchone()[0], conn.execute("PRAGMA journal_mode").fetchone()[0]
 
-    assert await sessions.db.write(pragmas) == (2, "wal")  # 2 = FULL
+    assert await sessions.store.db.write(pragmas) == (2, "wal")  # 2 = FULL
 
 
 async def test_a_failing_write_does_not_undo_its_neighbours(sessions: Sessions) -> None:
@@ -51,9 +51,9 @@ async def test_a_failing_write_does_not_undo_its_neighbours(sessions: Sessions) 
         )
 
     ok = [sessions.create(session_id=new_session_id(), provider="truecaller", ttl=60) for _ in range(5)]
-    results = await asyncio.gather(sessions.db.write(boom), *ok, return_exceptions=True)
+    results = await asyncio.gather(sessions.store.db.write(boom), *ok, return_exceptions=True)
     assert isinstance(results[0], Exception)
-    rows = await sessions.db.fetchall("SELECT id FROM sessions")
+    rows = await sessions.store.db.fetchall("SELECT id FROM sessions")
     assert len(rows) == 5
 
 
@@ -72,13 +72,13 @@ async def test_exactly_one_of_many_racing_writers_wins(sessions: Sessions) -> No
     winner = outcomes[wins.index(True)]
     session = await sessions.get(sid)
     assert session is not None and session.status == winner.status and session.reason == winner.reason
-    events = await sessions.db.fetchall("SELECT kind FROM session_events WHERE session_id = ?", (sid,))
+    events = await sessions.store.db.fetchall("SELECT kind FROM session_events WHERE session_id = ?", (sid,))
     assert [e["kind"] for e in events] == ["outcome"]
     published = sub.drain()
     assert [e.kind for e in published] == ["outcome"]
     # a terminal session never changes again, and takes no more progress
     assert not await sessions.finish(sid, Outcome("failed", "provider_error"))
-    assert not await sessions.progress(sid, "flow_invoked")
+    assert (await sessions.progress(sid, "flow_invoked")).event_id is None
     after = await sessions.get(sid)
     assert after is not None and after.outcome == session.outcome
 
@@ -118,7 +118,7 @@ def test_ids_are_long_random_and_public_ref_hides_them() -> None:
 
 
 async def test_the_wal_is_checkpointed_off_the_writer(db_path: Path) -> None:
-    db = Database(str(db_path))
+    db = SqliteStore(str(db_path))
     await db.open()
     try:
         sessions = Sessions(db, Broker(16))
@@ -126,7 +126,7 @@ async def test_the_wal_is_checkpointed_off_the_writer(db_path: Path) -> None:
             await asyncio.gather(
                 *(sessions.create(session_id=new_session_id(), provider="truecaller", ttl=60) for _ in range(40))
             )
-        assert await db.write(lambda conn: conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]) == 0
+        assert await db.db.write(lambda conn: conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]) == 0
     finally:
         await db.close()
     # closing checkpoints everything: the WAL is empty and every row is in the main file
@@ -137,7 +137,7 @@ async def test_the_wal_is_checkpointed_off_the_writer(db_path: Path) -> None:
 
 
 async def test_a_write_lock_held_by_another_process_is_waited_for_off_the_loop(db_path: Path) -> None:
-    db = Database(str(db_path), busy_timeout_ms=10_000)
+    db = SqliteStore(str(db_path), busy_timeout_ms=10_000)
     await db.open()
     other = sqlite3.connect(db_path, isolation_level=None)
     try:
@@ -161,7 +161,7 @@ async def test_a_write_lock_held_by_another_process_is_waited_for_off_the_loop(d
 
 
 async def test_a_write_that_cannot_get_the_lock_fails_cleanly_and_the_next_one_works(db_path: Path) -> None:
-    db = Database(str(db_path), busy_timeout_ms=50)
+    db = SqliteStore(str(db_path), busy_timeout_ms=50)
     await db.open()
     other = sqlite3.connect(db_path, isolation_level=None)
     try:
@@ -175,7 +175,7 @@ async def test_a_write_that_cannot_get_the_lock_fails_cleanly_and_the_next_one_w
         other.execute("COMMIT")
         sid = new_session_id()
         await sessions.create(session_id=sid, provider="truecaller", ttl=60)
-        rows = await db.fetchall("SELECT id FROM sessions")
+        rows = await db.db.fetchall("SELECT id FROM sessions")
         assert [r["id"] for r in rows] == [sid]  # nothing of the failed batch was stored
     finally:
         other.close()

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.fakes.truecaller import PROFILE_PATH, create_fake_truecaller, post_callback, post_status
+from gateway.providers.truecaller.fake import PROFILE_PATH, create_fake_truecaller, post_callback, post_status
 from tests.utils import RawStream, free_port, serve_app, to_toml, wait_ready
 
 pytestmark = pytest.mark.timeout(40)

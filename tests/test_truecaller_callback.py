@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import sqlite3
+import hashlib
 from pathlib import Path
 
 import pytest
 
 from gateway.errors import BadRequest
-from gateway.providers.truecaller import TOKEN_MEMORY, _store_callback
-from gateway.providers.truecaller_callback import (
+from gateway.providers.truecaller.decode import (
     StatusCallback,
     TokenCallback,
     loggable_status,
     parse_callback,
 )
-from gateway.storage import apply_migrations
+from gateway.records import TOKEN_MEMORY, Session, TokenClaim
+from gateway.storage.sqlite import SqliteStore
 
 ENDPOINT = "https://profile4-noneu.truecaller.com/v1/default"
 RID = "RL8YZ41FQMt5Jiak2sc_Ys0OgQA="
@@ -83,28 +83,31 @@ def test_only_short_snake_case_statuses_are_logged(status: str, shown: str) -> N
     assert loggable_status(status) == shown
 
 
-def test_a_token_binds_to_one_session_until_its_memory_runs_out(tmp_path: Path) -> None:
-    path = str(tmp_path / "tokens.db")
-    apply_migrations(path)
-    conn = sqlite3.connect(path, isolation_level=None)
-    for sid in ("s-1", "s-2", "s-3"):
-        conn.execute(
-            "INSERT INTO sessions (id, provider, created_at, updated_at, expires_at)"
-            " VALUES (?, 'truecaller', 0, 0, 9e9)",
-            (sid,),
-        )
-    sweep = [0.0]
+async def test_a_token_binds_to_one_session_until_its_memory_runs_out(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "tokens.db"))
+    await store.open()
+    try:
+        for sid in ("s-1", "s-2", "s-3"):
+            await store.create(
+                Session(sid, "truecaller", "pending", None, None, None, None, {}, None, 0, 0, 9e9, None)
+            )
 
-    def store(sid: str, token: str, at: float) -> str:
-        return _store_callback(sid, "https://p.example/v1", token, at, at + 600, sweep)(conn)
+        async def store_token(sid: str, token: str, at: float) -> str | None:
+            token_hash = hashlib.sha256(token.encode()).hexdigest()
+            claim = TokenClaim(sid, "https://p.example/v1", token, token_hash, at, at + 600)
+            return (await store.progress(sid, {"stage": "profile_fetching"}, now=at, claim=claim)).claim
 
-    assert store("s-1", "tok-a", 1000.0) == "stored"
-    assert store("s-1", "tok-a", 1000.1) == "repeat"  # the same callback again
-    assert store("s-2", "tok-a", 1000.2) == "reused"  # login CSRF: refused
-    assert store("s-2", "tok-b", 1000.3) == "stored"
-    assert conn.execute("SELECT COUNT(*) FROM truecaller_tokens_used").fetchone()[0] == 2
-    # once the token's life and the margin have passed, its hash is swept away
-    later = 1000.0 + TOKEN_MEMORY + 1
-    assert store("s-3", "tok-c", later) == "stored"
-    assert [r[0] for r in conn.execute("SELECT session_id FROM truecaller_tokens_used")] == ["s-3"]
-    conn.close()
+        assert await store_token("s-1", "tok-a", 1000.0) == "stored"
+        assert await store_token("s-1", "tok-a", 1000.1) == "repeat"  # the same callback again
+        assert await store_token("s-2", "tok-a", 1000.2) == "reused"  # login CSRF: refused
+        assert await store_token("s-2", "tok-b", 1000.3) == "stored"
+        assert await store.token_owner(hashlib.sha256(b"tok-a").hexdigest()) == "s-1"
+        rows = await store.db.fetchall("SELECT session_id FROM truecaller_tokens_used ORDER BY session_id")
+        assert [r[0] for r in rows] == ["s-1", "s-2"]
+        # once the token's life and the margin have passed, its hash is swept away
+        later = 1000.0 + TOKEN_MEMORY + 1
+        assert await store_token("s-3", "tok-c", later) == "stored"
+        rows = await store.db.fetchall("SELECT session_id FROM truecaller_tokens_used")
+        assert [r[0] for r in rows] == ["s-3"]
+    finally:
+        await store.close()

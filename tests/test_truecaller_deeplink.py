@@ -8,7 +8,7 @@ from urllib.parse import parse_qsl, urlsplit
 import pytest
 
 from gateway.config import TruecallerConfig
-from gateway.providers.truecaller import DEEPLINK_BASE, build_deeplink, new_nonce
+from gateway.providers.truecaller.service import DEEPLINK_BASE, build_deeplink, new_nonce
 from tests.utils import Running
 
 pytestmark = pytest.mark.timeout(10)

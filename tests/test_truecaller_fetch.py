@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 from gateway.errors import BadRequest
-from gateway.providers.endpoint_guard import CheckedEndpoint, check_endpoint
-from gateway.providers.truecaller_fetch import FetchDenied, FetchFailed, FetchOk, FetchResult, fetch_profile
+from gateway.providers.truecaller.client import FetchDenied, FetchFailed, FetchOk, FetchResult, fetch_profile
+from gateway.providers.truecaller.endpoint_guard import CheckedEndpoint, check_endpoint
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -15,14 +15,15 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from gateway.fakes.truecaller import (
+from gateway.providers.truecaller.fake import (
     PROFILE_PATH,
     FakeTruecallerState,
     create_fake_truecaller,
     post_callback,
     post_status,
 )
-from gateway.providers.truecaller import CALLBACK_PATH, Truecaller
+from gateway.providers.truecaller.routes import CALLBACK_PATH
+from gateway.providers.truecaller.service import Truecaller
 from tests.utils import RawStream, Running, make_settings, parse_sse, run_gateway, serve_app
 
 # One gateway and one fake profile host serve most tests (each uvicorn costs ~0.2 s to stop);
@@ -566,9 +567,9 @@ async def test_a_quick_profile_commits_with_the_token_in_one_fsync(env: Env) -> 
     """Issue 6 (delivery): token, progress and outcome share one commit when the profile is quick."""
     sid, nonce = await env.start()
     token = env.fake.issue_token(PHONE)
-    commits = env.gw.gateway.db.commits
+    commits = env.gw.gateway.store.db.commits
     events = await env.stream(sid, lambda: _accepted(env.token_callback(nonce, token)))
-    assert env.gw.gateway.db.commits == commits + 1
+    assert env.gw.gateway.store.db.commits == commits + 1
     assert [e["event"] for e in events] == ["status", "progress", "outcome"]
     assert events[2]["data"]["status"] == "verified"
     assert env.stored_callbacks() == 0  # never stored: the token was forgotten in the same commit
@@ -641,7 +642,7 @@ async def test_concurrent_identical_callbacks_fetch_once(env: Env) -> None:
 
 async def test_a_decision_cut_by_shutdown_is_a_503_and_stores_nothing(env: Env) -> None:
     sid, nonce, token, answer = await deciding_callback(env, hold=True)
-    tasks = [t for t in env.gw.gateway._tasks if t.get_name().startswith("truecaller-token-")]
+    tasks = [t for t in env.gw.gateway.background._tasks if t.get_name().startswith("truecaller-token-")]
     assert len(tasks) == 1
     tasks[0].cancel()  # what the lifespan does to background work at a stop
     reply = await answer

@@ -5,7 +5,7 @@ from typing import Any
 import pytest
 
 from gateway.outcome import FAILED, VERIFIED, Outcome
-from gateway.providers.truecaller_profile import MAX_FIELD_LENGTH, decode_profile
+from gateway.providers.truecaller.profile import MAX_FIELD_LENGTH, decode_profile
 
 FULL: dict[str, Any] = {
     "id": "a1b2c3",

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from gateway.errors import BadRequest, ProviderFailure
-from gateway.providers.veriphone_api import MAX_BODY_BYTES, CreatedSession, VeriphoneApi
+from gateway.providers.veriphone.client import MAX_BODY_BYTES, CreatedSession, VeriphoneApi
 
 API_KEY = "key-123-do-not-echo"
 API_SECRET = "secret-456"

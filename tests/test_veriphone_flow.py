@@ -16,8 +16,8 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from gateway.fakes.veriphone import FakeVeriphoneState, create_fake_veriphone, fake_state
 from gateway.outcome import EXPIRED, Outcome
+from gateway.providers.veriphone.fake import FakeVeriphoneState, create_fake_veriphone, fake_state
 from gateway.sessions import public_ref
 from tests.utils import RawStream, Running, make_settings, merge, parse_sse, run_gateway, serve_app
 

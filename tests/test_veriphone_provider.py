@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.providers.veriphone import phone_from_query, redirect_target
+from gateway.providers.veriphone.routes import phone_from_query, redirect_target
 
 
 @pytest.mark.parametrize(

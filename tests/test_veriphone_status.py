@@ -5,7 +5,7 @@ from typing import Any
 import pytest
 
 from gateway.outcome import FAILED, REJECTED, VERIFIED, Outcome
-from gateway.providers.veriphone_status import StatusFlags, decode_result, parse_status, split_e164
+from gateway.providers.veriphone.decode import StatusFlags, decode_result, parse_status, split_e164
 
 ALL_FLAGS = (
     "is_open",

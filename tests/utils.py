@@ -15,7 +15,7 @@ import httpx
 import uvicorn
 from starlette.types import ASGIApp
 
-from gateway.app import Gateway
+from gateway.web.context import Gateway
 from gateway.cli import GatewayServer, build_server
 from gateway.config import Settings, settings_from_dict
 

@@ -5,9 +5,9 @@ then `apply_sandbox` points both providers at the gateway itself, and `create_ap
 `sandbox_routes`:
 
     /sandbox/truecaller/dialog?deeplink=…   a person plays the Truecaller app (HTML)
-    /sandbox/truecaller/v1/default          the fake profile host (gateway/fakes/truecaller.py)
+    /sandbox/truecaller/v1/default          the fake profile host (gateway/providers/truecaller/fake.py)
     /sandbox/veriphone/verify/{uuid}        a person plays the Veriph.One web flow (HTML)
-    /sandbox/veriphone/sdk-api/…            the fake Veriph.One API (gateway/fakes/veriphone.py)
+    /sandbox/veriphone/sdk-api/…            the fake Veriph.One API (gateway/providers/veriphone/fake.py)
 
 Everything goes over real HTTP, exactly as in production: the dialog makes the gateway
 receive Truecaller's server callbacks, the gateway fetches the profile from the fake host and
@@ -27,7 +27,7 @@ import secrets
 import socket
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
 import httpx
@@ -37,17 +37,15 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
 from gateway.config import Settings
-from gateway.demo import DEMO_PATH
 from gateway.errors import ConfigError
-from gateway.fakes.truecaller import PROFILE_PATH, create_fake_truecaller, post_callback, post_status
-from gateway.fakes.veriphone import DEFAULT_PHONE as DEFAULT_VERIPHONE_PHONE
-from gateway.fakes.veriphone import create_fake_veriphone, fake_state
-from gateway.providers.truecaller import CALLBACK_PATH as TRUECALLER_CALLBACK_PATH
-from gateway.providers.veriphone import RESULT_PATH as VERIPHONE_RESULT_PATH
-from gateway.sandbox_pages import Field, html_page
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
+from gateway.providers.truecaller.fake import PROFILE_PATH, create_fake_truecaller, post_callback, post_status
+from gateway.providers.truecaller.routes import CALLBACK_PATH as TRUECALLER_CALLBACK_PATH
+from gateway.providers.veriphone.fake import DEFAULT_PHONE as DEFAULT_VERIPHONE_PHONE
+from gateway.providers.veriphone.fake import create_fake_veriphone, fake_state
+from gateway.providers.veriphone.routes import RESULT_PATH as VERIPHONE_RESULT_PATH
+from gateway.sandbox.pages import Field, html_page
+from gateway.web.context import Gateway
+from gateway.web.demo import DEMO_PATH
 
 log = logging.getLogger("gateway.sandbox")
 

@@ -1,7 +1,7 @@
 """`GET /v1/sessions/{id}/events`: one session's status, progress and outcome as SSE.
 
 Thousands of these wait at once, so an idle stream is kept small:
-- `app.GatewayApp` sends the route here before Starlette's error, CORS and router layers,
+- `doors.GatewayApp` sends the route here before Starlette's error, CORS and router layers,
   whose suspended frames would otherwise be held by every waiting stream;
 - the request's own coroutine only awaits `receive()` (which returns on disconnect); events
   and heartbeats are written by short-lived tasks started from broker and timer callbacks,
@@ -15,16 +15,14 @@ import asyncio
 import logging
 import re
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway import sse
 from gateway.broker import Event, Subscriber
 from gateway.errors import StorageError
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
+from gateway.web.context import Gateway
 
 PATH_TEMPLATE = "/v1/sessions/{session_id}/events"
 _PATH = re.compile(r"^/v1/sessions/([A-Za-z0-9_-]{16,64})/events$")

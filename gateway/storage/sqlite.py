@@ -14,6 +14,7 @@ its own; see `_Writer` for why.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import queue
 import re
@@ -28,6 +29,9 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from gateway.errors import StorageError
+from gateway.outcome import Outcome, scrub_outcome
+from gateway.records import TOKEN_MEMORY, ClaimResult, PendingClaim, Session, StoredEvent, TokenClaim
+from gateway.storage.base import Finished, Progressed
 
 log = logging.getLogger("gateway.storage")
 
@@ -377,3 +381,298 @@ class Database:
             return list(await self._reader.execute_fetchall(sql, params))
         except sqlite3.Error as exc:
             raise StorageError(f"database read failed: {exc}") from exc
+
+
+def _session(row: sqlite3.Row) -> Session:
+    return Session(
+        id=row["id"],
+        provider=row["provider"],
+        status=row["status"],
+        reason=row["reason"],
+        provider_ref=row["provider_ref"],
+        phone=row["phone"],
+        user_ref=row["user_ref"],
+        provider_data=json.loads(row["provider_data"]) if row["provider_data"] else {},
+        outcome=json.loads(row["outcome"]) if row["outcome"] else None,
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        expires_at=row["expires_at"],
+        completed_at=row["completed_at"],
+    )
+
+
+def _dumps(data: object) -> str:
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+
+
+class SqliteStore:
+    """`Store` on one SQLite file: point reads on the loop, scans via aiosqlite, one group-commit writer."""
+
+    def __init__(
+        self, path: str, busy_timeout_ms: int = 5000, on_write_seconds: Callable[[float], None] | None = None
+    ) -> None:
+        self.db = Database(path, busy_timeout_ms)
+        self.db.on_write_seconds = on_write_seconds
+        self._token_sweep = 0.0  # when old token hashes are next deleted (at most once a second)
+
+    async def open(self) -> None:
+        await self.db.open()
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    async def ping(self) -> None:
+        await self.db.fetchone("SELECT 1")
+
+    # -- sessions ------------------------------------------------------------------------
+    async def create(self, session: Session) -> None:
+        row = (
+            session.id,
+            session.provider,
+            session.provider_ref,
+            session.phone,
+            session.user_ref,
+            json.dumps(session.provider_data, separators=(",", ":")),
+            session.created_at,
+            session.updated_at,
+            session.expires_at,
+        )
+
+        def insert(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO sessions (id, provider, status, provider_ref, phone, user_ref, provider_data,"
+                " created_at, updated_at, expires_at) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?)",
+                row,
+            )
+
+        await self.db.write(insert)
+
+    async def get(self, session_id: str) -> Session | None:
+        rows = self.db.lookup("SELECT * FROM sessions WHERE id = ?", (session_id,))
+        return _session(rows[0]) if rows else None
+
+    async def get_by_ref(self, provider: str, provider_ref: str) -> Session | None:
+        rows = self.db.lookup(
+            "SELECT * FROM sessions WHERE provider_ref = ? AND provider = ?", (provider_ref, provider)
+        )
+        return _session(rows[0]) if rows else None
+
+    async def get_with_events(self, session_id: str, after_id: int) -> tuple[Session | None, list[StoredEvent]]:
+        # A session has a handful of events at most: a bounded point read.
+        rows = self.db.lookup(
+            "SELECT s.*, e.id AS ev_id, e.kind AS ev_kind, e.data AS ev_data FROM sessions s"
+            " LEFT JOIN session_events e ON e.session_id = s.id AND e.id > ? WHERE s.id = ? ORDER BY e.id",
+            (after_id, session_id),
+        )
+        if not rows:
+            return None, []
+        events = [
+            StoredEvent(r["ev_id"], r["ev_kind"], json.loads(r["ev_data"])) for r in rows if r["ev_id"] is not None
+        ]
+        return _session(rows[0]), events
+
+    async def outcome_event(self, session_id: str) -> StoredEvent | None:
+        row = await self.db.fetchone(
+            "SELECT id, kind, data FROM session_events WHERE session_id = ? AND kind = 'outcome'", (session_id,)
+        )
+        return StoredEvent(row["id"], row["kind"], json.loads(row["data"])) if row else None
+
+    async def update_provider_data(
+        self, session_id: str, changes: dict[str, Any], *, now: float, expires_at: float | None
+    ) -> bool:
+        def update(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(
+                "SELECT provider_data FROM sessions WHERE id = ? AND status = 'pending'", (session_id,)
+            ).fetchone()
+            if row is None:
+                return False
+            merged = {**(json.loads(row[0]) if row[0] else {}), **changes}
+            conn.execute(
+                "UPDATE sessions SET provider_data = ?, updated_at = ?, expires_at = COALESCE(?, expires_at)"
+                " WHERE id = ? AND status = 'pending'",
+                (json.dumps(merged, separators=(",", ":")), now, expires_at, session_id),
+            )
+            return True
+
+        return await self.db.write(update)
+
+    async def progress(
+        self,
+        session_id: str,
+        data: dict[str, Any],
+        *,
+        now: float,
+        expires_at: float | None = None,
+        claim: TokenClaim | None = None,
+    ) -> Progressed:
+        return await self.db.write(self._progress_write(session_id, data, now, expires_at, claim))
+
+    async def finish(
+        self, session_id: str, outcome: Outcome, *, now: float, release_claim: bool = False
+    ) -> Finished | None:
+        return await self.db.write(self._finish_write(session_id, outcome, now, release_claim))
+
+    async def progress_and_finish(
+        self,
+        session_id: str,
+        data: dict[str, Any],
+        outcome: Outcome,
+        *,
+        now: float,
+        claim: TokenClaim | None = None,
+        release_claim: bool = False,
+    ) -> tuple[Progressed, Finished | None]:
+        progress = self._progress_write(session_id, data, now, None, claim)
+        finish = self._finish_write(session_id, outcome, now, release_claim)
+
+        def both(conn: sqlite3.Connection) -> tuple[Progressed, Finished | None]:
+            progressed = progress(conn)
+            return progressed, (None if progressed.event_id is None else finish(conn))
+
+        return await self.db.write(both)
+
+    def _progress_write(
+        self, session_id: str, data: dict[str, Any], now: float, expires_at: float | None, claim: TokenClaim | None
+    ) -> Callable[[sqlite3.Connection], Progressed]:
+        encoded = _dumps(data)
+
+        def insert(conn: sqlite3.Connection) -> Progressed:
+            claimed: ClaimResult | None = None
+            if claim is not None:
+                claimed = self._store_claim(conn, claim)
+                if claimed != "stored":
+                    return Progressed(None, claimed)
+            cur = conn.execute(
+                "INSERT INTO session_events (session_id, kind, data, created_at)"
+                " SELECT id, 'progress', ?, ? FROM sessions WHERE id = ? AND status = 'pending'",
+                (encoded, now, session_id),
+            )
+            if cur.rowcount != 1:
+                return Progressed(None, claimed)
+            conn.execute(
+                "UPDATE sessions SET updated_at = ?, expires_at = COALESCE(?, expires_at) WHERE id = ?",
+                (now, expires_at, session_id),
+            )
+            return Progressed(cur.lastrowid, claimed)
+
+        return insert
+
+    def _finish_write(
+        self, session_id: str, outcome: Outcome, now: float, release_claim: bool
+    ) -> Callable[[sqlite3.Connection], Finished | None]:
+        def update(conn: sqlite3.Connection) -> Finished | None:
+            if release_claim:  # the fetch is over, whatever its outcome and whoever wins
+                conn.execute("DELETE FROM truecaller_callbacks WHERE session_id = ?", (session_id,))
+            row = conn.execute(
+                "SELECT provider, user_ref FROM sessions WHERE id = ? AND status = 'pending'", (session_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            body = outcome.to_json(provider=row["provider"], user_ref=row["user_ref"], completed_at=now)
+            encoded = _dumps(body)
+            cur = conn.execute(
+                "UPDATE sessions SET status = ?, reason = ?, outcome = ?, completed_at = ?, updated_at = ?"
+                " WHERE id = ? AND status = 'pending'",
+                (outcome.status, outcome.reason, encoded, now, now, session_id),
+            )
+            if cur.rowcount != 1:  # pragma: no cover - the single writer makes this unreachable
+                return None
+            ins = conn.execute(
+                "INSERT INTO session_events (session_id, kind, data, created_at) VALUES (?, 'outcome', ?, ?)",
+                (session_id, encoded, now),
+            )
+            assert ins.lastrowid is not None
+            return Finished(ins.lastrowid, body)
+
+        return update
+
+    async def due_for_expiry(self, now: float, limit: int) -> list[str]:
+        rows = await self.db.fetchall(
+            "SELECT id FROM sessions WHERE status = 'pending' AND expires_at <= ? ORDER BY expires_at LIMIT ?",
+            (now, limit),
+        )
+        return [row["id"] for row in rows]
+
+    async def next_deadline(self) -> float | None:
+        row = await self.db.fetchone("SELECT MIN(expires_at) AS t FROM sessions WHERE status = 'pending'")
+        return None if row is None or row["t"] is None else float(row["t"])
+
+    async def purge_personal_data(self, *, cutoff: float, now: float, limit: int) -> int:
+        def purge(conn: sqlite3.Connection) -> int:
+            rows = conn.execute(
+                "SELECT id, outcome FROM sessions WHERE completed_at IS NOT NULL AND completed_at <= ?"
+                " AND purged_at IS NULL ORDER BY completed_at LIMIT ?",
+                (cutoff, limit),
+            ).fetchall()
+            for row in rows:
+                conn.execute(
+                    "UPDATE sessions SET phone = NULL, user_ref = NULL, provider_data = NULL, outcome = ?,"
+                    " purged_at = ? WHERE id = ?",
+                    (scrub_outcome(row["outcome"]), now, row["id"]),
+                )
+                events = conn.execute(
+                    "SELECT id, data FROM session_events WHERE session_id = ? AND kind = 'outcome'", (row["id"],)
+                ).fetchall()
+                for event in events:
+                    conn.execute(
+                        "UPDATE session_events SET data = ? WHERE id = ?", (scrub_outcome(event["data"]), event["id"])
+                    )
+            return len(rows)
+
+        return await self.db.write(purge)
+
+    # -- Truecaller token claims ---------------------------------------------------------
+    async def token_owner(self, token_hash: str) -> str | None:
+        rows = self.db.lookup("SELECT session_id FROM truecaller_tokens_used WHERE token_hash = ?", (token_hash,))
+        return str(rows[0][0]) if rows else None
+
+    async def has_claim(self, session_id: str) -> bool:
+        row = await self.db.fetchone("SELECT 1 FROM truecaller_callbacks WHERE session_id = ?", (session_id,))
+        return row is not None
+
+    async def pending_claims(self) -> list[PendingClaim]:
+        def delete_finished(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "DELETE FROM truecaller_callbacks"
+                " WHERE session_id NOT IN (SELECT id FROM sessions WHERE status = 'pending')"
+            )
+
+        await self.db.write(delete_finished)
+        rows = await self.db.fetchall(
+            "SELECT c.session_id, c.endpoint, c.access_token, c.token_expires_at, s.phone"
+            " FROM truecaller_callbacks c JOIN sessions s ON s.id = c.session_id WHERE s.status = 'pending'"
+        )
+        return [
+            PendingClaim(r["session_id"], r["phone"], r["endpoint"], r["access_token"], r["token_expires_at"])
+            for r in rows
+        ]
+
+    def _store_claim(self, conn: sqlite3.Connection, claim: TokenClaim) -> ClaimResult:
+        """Store the first token callback of a still-pending session; bind the token to it."""
+        received = claim.received_at
+        if not self._token_sweep - 1.0 <= received < self._token_sweep:
+            self._token_sweep = received + 1.0  # forget old token hashes, at most once a second
+            conn.execute("DELETE FROM truecaller_tokens_used WHERE used_at < ?", (received - TOKEN_MEMORY,))
+        # Bind the token to this session unless it is bound already; either way the row that
+        # holds it comes back. A token proves one consent, for one session.
+        bound = conn.execute(
+            "INSERT INTO truecaller_tokens_used (token_hash, session_id, used_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (token_hash) DO UPDATE SET used_at = used_at RETURNING session_id",
+            (claim.token_hash, claim.session_id, received),
+        ).fetchone()
+        if bound[0] != claim.session_id:
+            return "reused"
+        # One statement decides: the session must be pending and have no callback yet, so of
+        # any number of racing callbacks exactly one is stored and goes on to fetch.
+        cur = conn.execute(
+            "INSERT INTO truecaller_callbacks (session_id, endpoint, access_token, received_at, token_expires_at)"
+            " SELECT id, ?, ?, ?, ? FROM sessions WHERE id = ? AND status = 'pending'"
+            " ON CONFLICT (session_id) DO NOTHING",
+            (claim.endpoint, claim.access_token, received, claim.token_expires_at, claim.session_id),
+        )
+        if cur.rowcount == 1:
+            return "stored"
+        pending = conn.execute(
+            "SELECT 1 FROM sessions WHERE id = ? AND status = 'pending'", (claim.session_id,)
+        ).fetchone()
+        return "repeat" if pending else "gone"

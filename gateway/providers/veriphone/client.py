@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 
 from gateway.errors import ApiError, BadRequest, ProviderFailure
-from gateway.providers.veriphone_status import split_e164
+from gateway.providers.veriphone.decode import split_e164
 
 CREATE_SESSION_PATH = "/sdk-api/phone-verification/create-session/v1.0.0"
 RESULT_PATH = "/sdk-api/phone-verification/verification-result/v1.0.0"

@@ -15,43 +15,30 @@ import asyncio
 import hashlib
 import logging
 import secrets
-import sqlite3
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal
 from urllib.parse import quote
-
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
 
 from gateway.config import TruecallerConfig
 from gateway.errors import BadRequest, NotFound, Unavailable
-from gateway.jsonbody import read_json_object
 from gateway.outcome import FAILED, REJECTED, Outcome
-from gateway.providers.base import Prepared
-from gateway.providers.endpoint_guard import CheckedEndpoint, Resolver, check_endpoint
-from gateway.providers.truecaller_callback import (
-    FIELDS,
+from gateway.providers.base import Client, Deps, Prepared
+from gateway.providers.truecaller.client import FetchDenied, FetchOk, FetchResult, fetch_profile
+from gateway.providers.truecaller.decode import (
     FLOW_INVOKED,
     REJECTIONS,
     StatusCallback,
     TokenCallback,
     loggable_status,
-    parse_callback,
 )
-from gateway.providers.truecaller_fetch import FetchDenied, FetchOk, FetchResult, fetch_profile
-from gateway.providers.truecaller_profile import decode_profile
-from gateway.sessions import Session, public_ref
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
+from gateway.providers.truecaller.endpoint_guard import CheckedEndpoint, Resolver, check_endpoint
+from gateway.providers.truecaller.profile import decode_profile
+from gateway.providers.truecaller.profile_client import ProfileClient
+from gateway.records import TOKEN_LIFETIME, ClaimResult, Session, TokenClaim
+from gateway.sessions import public_ref
 
 log = logging.getLogger("gateway.truecaller")
 
 DEEPLINK_BASE = "truecallersdk://truesdk/web_verify"
-CALLBACK_PATH = "/v1/callbacks/truecaller"
-TOKEN_LIFETIME = 600.0  # Truecaller access tokens live 10 minutes
 # The session outlives the token by this much, so the fetch (bounded by the token) always
 # writes its own outcome before the core expiry task could call it a timeout.
 EXPIRY_GRACE = 5.0
@@ -97,9 +84,14 @@ def build_deeplink(cfg: TruecallerConfig, nonce: str) -> str:
 class Truecaller:
     name = "truecaller"
 
-    def __init__(self, gw: Gateway) -> None:
-        self.gw = gw
-        self.cfg = gw.settings.providers.truecaller
+    def __init__(self, deps: Deps, profile_client: ProfileClient) -> None:
+        self.settings = deps.settings
+        self.cfg = deps.settings.providers.truecaller
+        self.sessions = deps.sessions
+        self.store = deps.store
+        self.metrics = deps.metrics
+        self.background = deps.background
+        self.profile_client = profile_client
         # Seams for tests and the sandbox: the DNS resolver of the endpoint check and the
         # retry pace of the profile fetch (5xx backoff doubles from this many seconds).
         self.resolve: Resolver | None = None
@@ -109,102 +101,86 @@ class Truecaller:
         # one per session, this also covers a resume racing anything else in-process.
         self._fetching: set[str] = set()
         # Sessions whose token callback waits for its speculative fetch, nothing stored yet.
-        self._deciding: dict[str, asyncio.Future[StoreResult]] = {}
-        self._token_sweep = [0.0]  # see _store_callback
+        self._deciding: dict[str, asyncio.Future[ClaimResult]] = {}
 
-    async def prepare(self, *, session_id: str, phone: str | None, user_ref: str | None, request: Request) -> Prepared:
+    async def prepare(self, *, session_id: str, phone: str | None, user_ref: str | None, client: Client) -> Prepared:
         nonce = new_nonce()
-        ttl = min(float(self.gw.settings.sessions.ttl), self.cfg.callback_timeout)
+        ttl = min(float(self.settings.sessions.ttl), self.cfg.callback_timeout)
         return Prepared(
             ttl=ttl,
             provider_ref=nonce,
             public={"request_nonce": nonce, "deeplink": build_deeplink(self.cfg, nonce)},
         )
 
-    def routes(self) -> list[BaseRoute]:
-        return [Route(CALLBACK_PATH, self.callback, methods=["POST"])]
-
     async def startup(self) -> None:
         """Resume profile fetches a stop or crash interrupted; drop rows of finished sessions."""
-        await self.gw.db.write(_delete_finished)
-        rows = await self.gw.db.fetchall(
-            "SELECT c.session_id, c.endpoint, c.access_token, c.token_expires_at, s.phone"
-            " FROM truecaller_callbacks c JOIN sessions s ON s.id = c.session_id WHERE s.status = 'pending'"
-        )
-        if rows:
-            log.info("resuming interrupted truecaller profile fetches", extra={"count": len(rows)})
-        for row in rows:
-            self._start_fetch(
-                row["session_id"], row["phone"], row["endpoint"], row["access_token"], row["token_expires_at"]
-            )
+        claims = await self.store.pending_claims()
+        if claims:
+            log.info("resuming interrupted truecaller profile fetches", extra={"count": len(claims)})
+        for c in claims:
+            self._start_fetch(c.session_id, c.phone, c.endpoint, c.access_token, c.token_expires_at)
 
-    async def callback(self, request: Request) -> Response:
-        """`POST /v1/callbacks/truecaller`: Truecaller's server reports a token or a status."""
-        started = time.monotonic()
-        try:
-            # Not strict: a field Truecaller adds one day must not fail every verification.
-            body = await read_json_object(request, fields=FIELDS, strict=False)
-            parsed = parse_callback(body)
-            session = await self.gw.sessions.get_by_ref(self.name, parsed.request_id)
-            if session is None or session.terminal:
-                raise NotFound("session_not_found", "no pending Truecaller session has this requestId")
-            if isinstance(parsed, StatusCallback):
-                return await self._on_status(session, parsed.status)
-            return await self._on_token(session, parsed)
-        finally:
-            self.gw.metrics.callback_handled(self.name, time.monotonic() - started)
+    async def on_callback(self, parsed: StatusCallback | TokenCallback) -> str:
+        """Truecaller's server reports a token or a status; "accepted" or "ignored", else an ApiError."""
+        session = await self.sessions.get_by_ref(self.name, parsed.request_id)
+        if session is None or session.terminal:
+            raise NotFound("session_not_found", "no pending Truecaller session has this requestId")
+        if isinstance(parsed, StatusCallback):
+            return await self._on_status(session, parsed.status)
+        return await self._on_token(session, parsed)
 
-    async def _on_status(self, session: Session, status: str) -> Response:
+    async def _on_status(self, session: Session, status: str) -> str:
         ref = public_ref(session.id)
         shown = loggable_status(status)
         await self._settled(session.id)
-        if await self._has_token(session.id):
+        if await self.store.has_claim(session.id):
             # The user already consented and the fetch owns the outcome; a late status must not race it.
             log.info("truecaller status callback after the token: ignored", extra={"session": ref, "status": shown})
-            return _answer("ignored")
+            return "ignored"
         if status == FLOW_INVOKED:
-            await self.gw.sessions.progress(session.id, FLOW_INVOKED)
+            await self.sessions.progress(session.id, FLOW_INVOKED)
         elif status in REJECTIONS:
-            await self.gw.sessions.finish(session.id, Outcome(REJECTED, status))
+            await self.sessions.finish(session.id, Outcome(REJECTED, status))
         else:
             log.info("truecaller status callback not handled", extra={"session": ref, "status": shown})
-            return _answer("ignored")
+            return "ignored"
         log.info("truecaller status callback", extra={"session": ref, "status": shown})
-        return _answer("accepted")
+        return "accepted"
 
-    async def _on_token(self, session: Session, callback: TokenCallback) -> Response:
+    async def _on_token(self, session: Session, callback: TokenCallback) -> str:
         ref = public_ref(session.id)
         try:
             endpoint = await self._check(callback.endpoint)
         except BadRequest:
-            self.gw.metrics.provider_errors.labels(self.name, "invalid_endpoint").inc()
+            self.metrics.provider_errors.labels(self.name, "invalid_endpoint").inc()
             log.warning("truecaller token callback refused: endpoint fails the host rules", extra={"session": ref})
             raise
-        await self._settled(session.id)
-        received = self.gw.sessions.clock()
-        token_expires_at = received + TOKEN_LIFETIME
-        token_hash = _token_hash(callback.access_token)
-        store = _store_callback(
-            session.id, endpoint.url, callback.access_token, received, token_expires_at, self._token_sweep, token_hash
-        )
-        # The profile is fetched at once, before the token is durable (issue 6: delivery),
-        # unless a fetch already runs for the session or the token is known to belong to
-        # another one, so a replay causes no request.
         sid = session.id
-        speculative = sid not in self._fetching and not self._bound_elsewhere(token_hash, sid)
-        decided: asyncio.Future[StoreResult] = asyncio.get_running_loop().create_future()
+        token_hash = hashlib.sha256(callback.access_token.encode()).hexdigest()
+        while True:
+            await self._settled(sid)
+            owner = await self.store.token_owner(token_hash)
+            deciding = self._deciding.get(sid)
+            if deciding is None or deciding.done():  # no other callback of the session began deciding meanwhile
+                break
+        received = self.sessions.clock()
+        claim = TokenClaim(sid, endpoint.url, callback.access_token, token_hash, received, received + TOKEN_LIFETIME)
+        # The profile is fetched at once, before the token is durable (a delivery sooner by
+        # the fetch's round trip), unless a fetch already runs for the session or the token
+        # is known to belong to another one, so a replay causes no request.
+        speculative = sid not in self._fetching and owner in (None, sid)
+        decided: asyncio.Future[ClaimResult] = asyncio.get_running_loop().create_future()
         if speculative:  # before anything else runs: a callback read in the same pass waits for this one
             self._fetching.add(sid)
             self._deciding[sid] = decided
         # A task of its own: the commit finishes even if Truecaller hangs up on this request.
-        task = self.gw.spawn(
-            self._accept(session, endpoint, callback.access_token, token_expires_at, store, speculative, decided),
-            name=f"truecaller-token-{ref}",
+        task = self.background.spawn(
+            self._accept(session, endpoint, claim, speculative, decided), name=f"truecaller-token-{ref}"
         )
         task.add_done_callback(lambda _: self._decision_over(sid, decided, speculative))
         stored = await asyncio.shield(decided)
         if stored == "reused":
-            self.gw.metrics.provider_errors.labels(self.name, "token_reused").inc()
+            self.metrics.provider_errors.labels(self.name, "token_reused").inc()
             log.warning(
                 "truecaller token callback refused: token already used for another session", extra={"session": ref}
             )
@@ -213,19 +189,17 @@ class Truecaller:
             raise NotFound("session_not_found", "no pending Truecaller session has this requestId")
         if stored == "repeat":
             log.info("truecaller token callback repeated: ignored", extra={"session": ref})
-            return _answer("accepted")
+            return "accepted"
         log.info("truecaller token callback accepted", extra={"session": ref})
-        return _answer("accepted")
+        return "accepted"
 
     async def _accept(
         self,
         session: Session,
         endpoint: CheckedEndpoint,
-        token: str,
-        token_expires_at: float,
-        store: Callable[[sqlite3.Connection], StoreResult],
+        claim: TokenClaim,
         speculative: bool,
-        decided: asyncio.Future[StoreResult],
+        decided: asyncio.Future[ClaimResult],
     ) -> None:
         """Store the token, answer the callback (`decided`), fetch the profile, write the outcome.
 
@@ -234,39 +208,35 @@ class Truecaller:
         the callback is answered after it; otherwise the token commits alone while the fetch
         goes on, and the outcome follows in a second commit. Either way nothing is announced
         before it is durable, and an outcome is written only if this callback's token was the
-        one stored (`store` said "stored").
+        one stored (the claim was "stored").
         """
         sid = session.id
-        stored: list[StoreResult] = []
-
-        def accept(conn: sqlite3.Connection) -> bool:
-            stored.append(store(conn))
-            return stored[0] == "stored"
-
+        token, token_expires_at = claim.access_token, claim.token_expires_at
         fetch: asyncio.Future[Outcome] | None = None
         try:
             if speculative:
                 fetch = asyncio.ensure_future(self._outcome(sid, session.phone, endpoint, token, token_expires_at))
                 await asyncio.wait((fetch,), timeout=ONE_COMMIT_WAIT)
             if fetch is not None and fetch.done():
-                await self.gw.sessions.progress_and_finish(
-                    sid, "profile_fetching", fetch.result(), before=accept, also=_forgetter(sid)
+                done = await self.sessions.progress_and_finish(
+                    sid, "profile_fetching", fetch.result(), claim=claim, release_claim=True
                 )
-                decided.set_result(stored[0])
+                decided.set_result(_claimed(done.claim))
                 return
             # Store the token, outlive the fetch and announce it in one durable commit.
-            await self.gw.sessions.progress(
-                sid, "profile_fetching", before=accept, expires_at=token_expires_at + EXPIRY_GRACE
+            done = await self.sessions.progress(
+                sid, "profile_fetching", claim=claim, expires_at=token_expires_at + EXPIRY_GRACE
             )
-            decided.set_result(stored[0])
+            stored = _claimed(done.claim)
+            decided.set_result(stored)
             if fetch is None:
-                if stored[0] == "stored":  # e.g. a fetch for a token that lost this race is still running
+                if stored == "stored":  # e.g. a fetch for a token that lost this race is still running
                     self._start_fetch(sid, session.phone, endpoint, token, token_expires_at, force=True)
                 return
-            if stored[0] != "stored":
+            if stored != "stored":
                 fetch.cancel()  # another token owns the session, or it is over: no use for this profile
                 return
-            await self.gw.sessions.finish(sid, await fetch, also=_forgetter(sid))
+            await self.sessions.finish(sid, await fetch, release_claim=True)
         except BaseException as exc:
             if fetch is not None:
                 fetch.cancel()
@@ -274,7 +244,7 @@ class Truecaller:
                 decided.set_exception(exc)
             raise
 
-    def _decision_over(self, session_id: str, decided: asyncio.Future[StoreResult], speculative: bool) -> None:
+    def _decision_over(self, session_id: str, decided: asyncio.Future[ClaimResult], speculative: bool) -> None:
         """When a token callback's task ends, however it ends (also cancelled before it ran)."""
         if not decided.done():  # cancelled (shutdown) before it stored anything: Truecaller may retry
             decided.set_exception(Unavailable("shutting_down", "the gateway is stopping; retry"))
@@ -294,13 +264,9 @@ class Truecaller:
         if deciding is None:
             return
         await asyncio.wait((deciding,))
-        current = await self.gw.sessions.get(session_id)
+        current = await self.sessions.get(session_id)
         if current is None or current.terminal:
             raise NotFound("session_not_found", "no pending Truecaller session has this requestId")
-
-    def _bound_elsewhere(self, token_hash: str, session_id: str) -> bool:
-        rows = self.gw.db.lookup("SELECT session_id FROM truecaller_tokens_used WHERE token_hash = ?", (token_hash,))
-        return bool(rows) and rows[0][0] != session_id
 
     async def _check(self, url: str) -> CheckedEndpoint:
         return await check_endpoint(
@@ -325,7 +291,7 @@ class Truecaller:
         if session_id in self._fetching and not force:
             return
         self._fetching.add(session_id)
-        self.gw.spawn(
+        self.background.spawn(
             self._fetch(session_id, phone, endpoint, token, token_expires_at),
             name=f"truecaller-fetch-{public_ref(session_id)}",
         )
@@ -336,7 +302,7 @@ class Truecaller:
         """Fetch, decode, finish, forget, for a stored token. Cancelled (shutdown) → the row stays."""
         try:
             outcome = await self._outcome(session_id, phone, endpoint, token, token_expires_at)
-            await self.gw.sessions.finish(session_id, outcome, also=_forgetter(session_id))
+            await self.sessions.finish(session_id, outcome, release_claim=True)
         finally:
             self._fetching.discard(session_id)
 
@@ -348,7 +314,7 @@ class Truecaller:
             return await self._fetch_outcome(session_id, phone, endpoint, token, token_expires_at)
         except Exception:
             log.exception("truecaller profile fetch crashed", extra={"session": public_ref(session_id)})
-            self.gw.metrics.provider_errors.labels(self.name, "bug").inc()
+            self.metrics.provider_errors.labels(self.name, "bug").inc()
             return Outcome(FAILED, "provider_error")
 
     async def _fetch_outcome(
@@ -358,23 +324,23 @@ class Truecaller:
         if isinstance(endpoint, str):
             # Resumed after a restart: make sure the session outlives the fetch, and vet the
             # stored URL again against today's config and DNS before the token goes anywhere.
-            await self.gw.sessions.update_provider_data(session_id, {}, expires_at=token_expires_at + EXPIRY_GRACE)
+            await self.sessions.update_provider_data(session_id, {}, expires_at=token_expires_at + EXPIRY_GRACE)
             try:
                 endpoint = await self._check(endpoint)
             except BadRequest:
-                self.gw.metrics.provider_errors.labels(self.name, "invalid_endpoint").inc()
+                self.metrics.provider_errors.labels(self.name, "invalid_endpoint").inc()
                 log.warning("resumed truecaller fetch: endpoint now fails the host rules", extra={"session": ref})
                 return Outcome(FAILED, "provider_error")
-        remaining = token_expires_at - self.gw.sessions.clock()
+        remaining = token_expires_at - self.sessions.clock()
         if remaining <= 0:
             # Decided: a token that expired while the gateway was down is our failure, not the
             # user's inaction, so the outcome is provider_error rather than a later timeout.
-            self.gw.metrics.provider_errors.labels(self.name, "token_expired").inc()
+            self.metrics.provider_errors.labels(self.name, "token_expired").inc()
             log.warning("truecaller access token expired before the fetch", extra={"session": ref})
             return Outcome(FAILED, "provider_error")
         started = time.monotonic()
         result = await fetch_profile(
-            self.gw.profile_http,
+            self.profile_client,
             endpoint,
             token,
             timeout=self.cfg.http_timeout,
@@ -382,27 +348,27 @@ class Truecaller:
             attempts=self.fetch_attempts,
             backoff=self.fetch_backoff,
         )
-        self.gw.metrics.fetched(self.name, "profile", time.monotonic() - started)
+        self.metrics.fetched(self.name, "profile", time.monotonic() - started)
         return self._decode(ref, result, phone)
 
     def _decode(self, ref: str, result: FetchResult, phone: str | None) -> Outcome:
         if isinstance(result, FetchOk):
             outcome = decode_profile(result.profile, expected_phone=phone)
             if outcome.reason == "provider_error":
-                self.gw.metrics.provider_errors.labels(self.name, "bad_profile").inc()
+                self.metrics.provider_errors.labels(self.name, "bad_profile").inc()
             log.info(
                 "truecaller profile fetched",
                 extra={"session": ref, "attempts": result.attempts, "status": outcome.status, "reason": outcome.reason},
             )
             return outcome
         if isinstance(result, FetchDenied):
-            self.gw.metrics.provider_errors.labels(self.name, "access_denied").inc()
+            self.metrics.provider_errors.labels(self.name, "access_denied").inc()
             log.warning(
                 "truecaller profile fetch denied",
                 extra={"session": ref, "attempts": result.attempts, "http_status": result.status_code},
             )
             return Outcome(FAILED, "access_denied")
-        self.gw.metrics.provider_errors.labels(self.name, result.detail).inc()
+        self.metrics.provider_errors.labels(self.name, result.detail).inc()
         log.warning(
             "truecaller profile fetch failed",
             extra={
@@ -414,79 +380,7 @@ class Truecaller:
         )
         return Outcome(FAILED, "provider_error")
 
-    async def _has_token(self, session_id: str) -> bool:
-        row = await self.gw.db.fetchone("SELECT 1 FROM truecaller_callbacks WHERE session_id = ?", (session_id,))
-        return row is not None
 
-
-StoreResult = Literal["stored", "repeat", "gone", "reused"]
-# Token hashes are remembered this long: the token's own life and a margin.
-TOKEN_MEMORY = TOKEN_LIFETIME + 300
-
-
-def _token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def _store_callback(
-    session_id: str,
-    endpoint: str,
-    token: str,
-    received_at: float,
-    token_expires_at: float,
-    sweep: list[float],
-    token_hash: str | None = None,
-) -> Callable[[sqlite3.Connection], StoreResult]:
-    """A write that stores the first token callback of a still-pending session.
-
-    `sweep[0]` is when old token hashes are next deleted, shared by the writes of one provider.
-    """
-
-    token_hash = token_hash or _token_hash(token)
-
-    def store(conn: sqlite3.Connection) -> StoreResult:
-        if not sweep[0] - 1.0 <= received_at < sweep[0]:  # forget old token hashes, at most once a second
-            sweep[0] = received_at + 1.0
-            conn.execute("DELETE FROM truecaller_tokens_used WHERE used_at < ?", (received_at - TOKEN_MEMORY,))
-        # Bind the token to this session unless it is bound already; either way the row that
-        # holds it comes back. A token proves one consent, for one session.
-        bound = conn.execute(
-            "INSERT INTO truecaller_tokens_used (token_hash, session_id, used_at) VALUES (?, ?, ?)"
-            " ON CONFLICT (token_hash) DO UPDATE SET used_at = used_at RETURNING session_id",
-            (token_hash, session_id, received_at),
-        ).fetchone()
-        if bound[0] != session_id:
-            return "reused"
-        # One statement decides: the session must be pending and have no callback yet, so of
-        # any number of racing callbacks exactly one is stored and goes on to fetch.
-        cur = conn.execute(
-            "INSERT INTO truecaller_callbacks (session_id, endpoint, access_token, received_at, token_expires_at)"
-            " SELECT id, ?, ?, ?, ? FROM sessions WHERE id = ? AND status = 'pending'"
-            " ON CONFLICT (session_id) DO NOTHING",
-            (endpoint, token, received_at, token_expires_at, session_id),
-        )
-        if cur.rowcount == 1:
-            return "stored"
-        pending = conn.execute("SELECT 1 FROM sessions WHERE id = ? AND status = 'pending'", (session_id,)).fetchone()
-        return "repeat" if pending else "gone"
-
-    return store
-
-
-def _forgetter(session_id: str) -> Callable[[sqlite3.Connection], None]:
-    """Drop the stored token: the fetch is over, whatever its outcome."""
-
-    def forget(conn: sqlite3.Connection) -> None:
-        conn.execute("DELETE FROM truecaller_callbacks WHERE session_id = ?", (session_id,))
-
-    return forget
-
-
-def _delete_finished(conn: sqlite3.Connection) -> None:
-    conn.execute(
-        "DELETE FROM truecaller_callbacks WHERE session_id NOT IN (SELECT id FROM sessions WHERE status = 'pending')"
-    )
-
-
-def _answer(status: str) -> Response:
-    return JSONResponse({"status": status}, headers={"cache-control": "no-store"})
+def _claimed(result: ClaimResult | None) -> ClaimResult:
+    assert result is not None  # a write with a claim always says what became of it
+    return result

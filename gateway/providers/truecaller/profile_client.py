@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import httptools
 
-from gateway.providers.endpoint_guard import CheckedEndpoint
+from gateway.providers.truecaller.endpoint_guard import CheckedEndpoint
 
 MAX_HEAD_BYTES = 65536  # status line + headers (+ interim 1xx responses) of one response
 READ_SIZE = 65536

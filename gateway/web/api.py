@@ -4,89 +4,29 @@ from __future__ import annotations
 
 import re
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import phonenumbers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from gateway.broker import CLOSED
-from gateway.errors import BadRequest, Conflict, NotFound
-from gateway.jsonbody import read_json_object
-from gateway.providers.base import Prepared
-from gateway.sessions import PROVIDERS, Session, new_session_id
-from gateway.stream import PATH_TEMPLATE, EventStreamEndpoint
+from gateway.errors import BadRequest, NotFound
+from gateway.records import Session
+from gateway.web.client import client_of
+from gateway.web.context import Gateway, gateway_of
+from gateway.web.jsonbody import read_json_object
+from gateway.web.stream import PATH_TEMPLATE, EventStreamEndpoint
 
-if TYPE_CHECKING:
-    from gateway.app import Gateway
-
-_E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 CREATE_FIELDS = ("provider", "phone", "user_ref")
-
-
-def gateway_of(request: Request) -> Gateway:
-    gw: Gateway = request.app.state.gateway
-    return gw
-
-
-def parse_phone(value: object) -> str | None:
-    """An optional E.164 number: `+` and 7–15 digits that libphonenumber finds possible."""
-    if value is None:
-        return None
-    if not isinstance(value, str) or not _E164.fullmatch(value):
-        raise BadRequest("invalid_phone", "phone must be an E.164 number such as +15551234567")
-    try:
-        possible = phonenumbers.is_possible_number(phonenumbers.parse(value, None))
-    except phonenumbers.NumberParseException:
-        possible = False
-    if not possible:
-        raise BadRequest("invalid_phone", "phone is not a possible number for its country code")
-    return value
-
-
-def parse_user_ref(value: object) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not 1 <= len(value) <= 128 or not value.isprintable():
-        raise BadRequest("invalid_user_ref", "user_ref must be a printable string of 1 to 128 characters")
-    return value
-
-
-async def start_session(
-    gw: Gateway, provider_name: object, phone: object, user_ref: object, request: Request
-) -> tuple[Session, Prepared]:
-    """Validate, let the provider prepare, then store: the one way a session comes to exist."""
-    if provider_name not in PROVIDERS:
-        raise BadRequest("invalid_provider", 'provider must be "truecaller" or "veriphone"')
-    checked_phone = parse_phone(phone)
-    checked_user_ref = parse_user_ref(user_ref)
-    provider = gw.providers.get(str(provider_name))
-    if provider is None:
-        raise Conflict("provider_disabled", f"the {provider_name} provider is disabled in this gateway's config")
-    session_id = new_session_id()
-    # The provider is called before the insert, so a provider failure leaves nothing stored.
-    prepared = await provider.prepare(
-        session_id=session_id, phone=checked_phone, user_ref=checked_user_ref, request=request
-    )
-    session = await gw.sessions.create(
-        session_id=session_id,
-        provider=provider.name,
-        ttl=prepared.ttl,
-        phone=checked_phone,
-        user_ref=checked_user_ref,
-        provider_ref=prepared.provider_ref,
-        provider_data=prepared.data,
-    )
-    gw.metrics.session_created(provider.name)
-    return session, prepared
 
 
 async def create_session(request: Request) -> Response:
     gw = gateway_of(request)
     body = await read_json_object(request, fields=CREATE_FIELDS)
-    session, prepared = await start_session(gw, body.get("provider"), body.get("phone"), body.get("user_ref"), request)
+    client = client_of(request, gw.trusted_proxies)
+    session, prepared = await gw.starter.start(body.get("provider"), body.get("phone"), body.get("user_ref"), client)
     answer: dict[str, Any] = session.snapshot()
     del answer["outcome"], answer["updated_at"]
     answer["stream_url"] = f"/v1/sessions/{session.id}/events"
@@ -147,7 +87,7 @@ async def healthz(request: Request) -> Response:
 async def readyz(request: Request) -> Response:
     gw = gateway_of(request)
     try:
-        await gw.db.fetchone("SELECT 1")
+        await gw.store.ping()
     except Exception:
         return JSONResponse({"status": "unavailable", "database": "unreachable"}, status_code=503)
     if gw.shutting_down:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gateway.errors import BadRequest
-from gateway.providers.truecaller_fetch import MAX_TOKEN_LENGTH
+from gateway.providers.truecaller.client import MAX_TOKEN_LENGTH
 
 FIELDS = ("requestId", "accessToken", "endpoint", "status")
 FLOW_INVOKED = "flow_invoked"

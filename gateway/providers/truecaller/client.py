@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import httpx
 
-from gateway.providers.endpoint_guard import CheckedEndpoint
-from gateway.providers.profile_client import ProfileClient, ProfileClientError, ResponseTooLarge, Timeout
+from gateway.providers.truecaller.endpoint_guard import CheckedEndpoint
+from gateway.providers.truecaller.profile_client import ProfileClient, ProfileClientError, ResponseTooLarge, Timeout
 
 logger = logging.getLogger(__name__)
 

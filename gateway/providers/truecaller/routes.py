@@ -1,0 +1,30 @@
+"""`POST /v1/callbacks/truecaller`: Truecaller's server reports a token or a status."""
+
+from __future__ import annotations
+
+import time
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from gateway.metrics import Metrics
+from gateway.providers.truecaller.decode import FIELDS, parse_callback
+from gateway.providers.truecaller.service import Truecaller
+from gateway.web.jsonbody import read_json_object
+
+CALLBACK_PATH = "/v1/callbacks/truecaller"
+
+
+def routes(truecaller: Truecaller, metrics: Metrics) -> list[BaseRoute]:
+    async def callback(request: Request) -> Response:
+        started = time.monotonic()
+        try:
+            # Not strict: a field Truecaller adds one day must not fail every verification.
+            body = await read_json_object(request, fields=FIELDS, strict=False)
+            status = await truecaller.on_callback(parse_callback(body))
+        finally:
+            metrics.callback_handled(truecaller.name, time.monotonic() - started)
+        return JSONResponse({"status": status}, headers={"cache-control": "no-store"})
+
+    return [Route(CALLBACK_PATH, callback, methods=["POST"])]

@@ -1,0 +1,82 @@
+"""The records the storage layer hands to the services: a session, a stored event, a Truecaller token claim."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from gateway.outcome import PENDING, rfc3339
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    id: str
+    provider: str
+    status: str
+    reason: str | None
+    provider_ref: str | None
+    phone: str | None
+    user_ref: str | None
+    provider_data: dict[str, Any]
+    outcome: dict[str, Any] | None
+    created_at: float
+    updated_at: float
+    expires_at: float
+    completed_at: float | None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status != PENDING
+
+    def snapshot(self) -> dict[str, Any]:
+        """The public JSON of `GET /v1/sessions/{id}` and of the `status` event."""
+        return {
+            "id": self.id,
+            "provider": self.provider,
+            "status": self.status,
+            "expires_at": rfc3339(self.expires_at),
+            "updated_at": rfc3339(self.updated_at),
+            "outcome": self.outcome,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """A row of a session's event log: what a reconnecting stream replays."""
+
+    id: int
+    kind: str  # "progress" | "outcome"
+    data: dict[str, Any]
+
+
+TOKEN_LIFETIME = 600.0  # Truecaller access tokens live 10 minutes
+# Token hashes are remembered this long: the token's own life and a margin.
+TOKEN_MEMORY = TOKEN_LIFETIME + 300
+
+# What storing a Truecaller token callback decided: the first token of a pending session is
+# "stored"; the same session again is a "repeat"; a finished or unknown session is "gone"; a
+# token already bound to another session is "reused" (one token proves one consent).
+ClaimResult = Literal["stored", "repeat", "gone", "reused"]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenClaim:
+    """A Truecaller token callback to store with the session's `profile_fetching` event."""
+
+    session_id: str
+    endpoint: str  # the checked, normalised profile URL
+    access_token: str  # a bearer secret: stored for a restart to resume the fetch, never logged
+    token_hash: str
+    received_at: float
+    token_expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class PendingClaim:
+    """A stored token whose profile fetch a stop or crash interrupted."""
+
+    session_id: str
+    phone: str | None
+    endpoint: str
+    access_token: str
+    token_expires_at: float

@@ -1,0 +1,110 @@
+"""The storage seam: everything the services ask of a database, with no SQL and no driver types.
+
+Every write is durable before its method returns, and every write that decides a session's
+fate is conditional on the session still being pending, so racing writers settle on exactly
+one outcome. A backend raises `StorageError` when the database cannot be read or written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from gateway.outcome import Outcome
+from gateway.records import ClaimResult, PendingClaim, Session, StoredEvent, TokenClaim
+
+
+@dataclass(frozen=True, slots=True)
+class Progressed:
+    """What `Store.progress` wrote: the event's id (None: nothing written) and the claim's result."""
+
+    event_id: int | None
+    claim: ClaimResult | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The outcome `Store.finish` stored: its event id and the outcome object as stored."""
+
+    event_id: int
+    body: dict[str, Any]
+
+
+class Store(Protocol):
+    async def open(self) -> None:
+        """Apply pending migrations and get ready to serve."""
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise StorageError unless the database answers a trivial read."""
+
+    # -- sessions ------------------------------------------------------------------------
+    async def create(self, session: Session) -> None: ...
+
+    async def get(self, session_id: str) -> Session | None: ...
+
+    async def get_by_ref(self, provider: str, provider_ref: str) -> Session | None: ...
+
+    async def get_with_events(self, session_id: str, after_id: int) -> tuple[Session | None, list[StoredEvent]]:
+        """The session and its events with an id above `after_id`, in id order (one read)."""
+
+    async def outcome_event(self, session_id: str) -> StoredEvent | None: ...
+
+    async def update_provider_data(
+        self, session_id: str, changes: dict[str, Any], *, now: float, expires_at: float | None
+    ) -> bool:
+        """Merge `changes` into a pending session's provider data (and move its deadline)."""
+
+    async def progress(
+        self,
+        session_id: str,
+        data: dict[str, Any],
+        *,
+        now: float,
+        expires_at: float | None = None,
+        claim: TokenClaim | None = None,
+    ) -> Progressed:
+        """Append a progress event to a pending session (and move its deadline).
+
+        With a `claim`, the claim is stored first in the same transaction, and the event is
+        written only if the claim was "stored".
+        """
+
+    async def finish(
+        self, session_id: str, outcome: Outcome, *, now: float, release_claim: bool = False
+    ) -> Finished | None:
+        """Store the terminal outcome of a pending session; None if it was not pending.
+
+        `release_claim` deletes the session's stored token in the same transaction, whether
+        or not this outcome wins.
+        """
+
+    async def progress_and_finish(
+        self,
+        session_id: str,
+        data: dict[str, Any],
+        outcome: Outcome,
+        *,
+        now: float,
+        claim: TokenClaim | None = None,
+        release_claim: bool = False,
+    ) -> tuple[Progressed, Finished | None]:
+        """`progress` then `finish` in one durable transaction; neither if the claim is refused."""
+
+    async def due_for_expiry(self, now: float, limit: int) -> list[str]:
+        """Ids of pending sessions whose deadline has passed, earliest first."""
+
+    async def next_deadline(self) -> float | None: ...
+
+    async def purge_personal_data(self, *, cutoff: float, now: float, limit: int) -> int:
+        """Scrub at most `limit` sessions completed at or before `cutoff`; returns how many."""
+
+    # -- Truecaller token claims ---------------------------------------------------------
+    async def token_owner(self, token_hash: str) -> str | None:
+        """The session a token is bound to, if it is bound to one."""
+
+    async def has_claim(self, session_id: str) -> bool: ...
+
+    async def pending_claims(self) -> list[PendingClaim]:
+        """Drop the stored tokens of finished sessions; return those of pending ones."""

@@ -1,0 +1,86 @@
+"""The container the routes read from: every service, store and client of one running gateway.
+
+The app factory (`gateway.app`) builds it and its lifespan starts and stops it; a route
+reaches it as `request.app.state.gateway` (`gateway_of`) or is handed the parts it needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import httpx
+from starlette.requests import Request
+
+from gateway.broker import Broker
+from gateway.clientip import IPNetwork
+from gateway.config import Settings
+from gateway.memory import MemoryReleaser
+from gateway.metrics import Metrics
+from gateway.providers.base import Provider
+from gateway.retention import Retention
+from gateway.sessions import Sessions
+from gateway.starter import Starter
+from gateway.storage.base import Store
+from gateway.tasks import Background
+
+
+class Closable(Protocol):
+    async def aclose(self) -> None: ...
+
+
+@dataclass(eq=False)
+class Gateway:
+    settings: Settings
+    store: Store
+    broker: Broker
+    sessions: Sessions
+    metrics: Metrics
+    background: Background
+    starter: Starter
+    retention: Retention
+    memory: MemoryReleaser
+    http: httpx.AsyncClient  # provider API calls
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    providers: dict[str, Provider] = field(default_factory=dict)
+    # Closed last, after background work has ended (e.g. the Truecaller profile client).
+    closers: list[Closable] = field(default_factory=list)
+    shutting_down: bool = False
+    periodic: dict[str, asyncio.Task[None]] = field(default_factory=dict)  # expiry, retention, memory
+
+    def begin_shutdown(self) -> None:
+        """Stop taking long waits: close every stream so browsers reconnect elsewhere."""
+        self.shutting_down = True
+        self.broker.close_all("shutdown")
+
+    async def start(self) -> None:
+        await self.store.open()
+        # Providers first: work a restart interrupted (a stored Truecaller token) decides its
+        # session's outcome before the expiry task may call it a timeout.
+        for provider in self.providers.values():
+            await provider.startup()
+        for name, loop in (
+            ("expiry", self.sessions.run_expiry()),
+            ("retention", self.retention.run()),
+            ("memory", self.memory.run()),
+        ):
+            self.periodic[name] = asyncio.create_task(loop, name=name)
+
+    async def stop(self) -> None:
+        self.begin_shutdown()
+        await self.background.drain(self.settings.server.shutdown_timeout)
+        for periodic in self.periodic.values():
+            periodic.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await periodic
+        await self.http.aclose()
+        for closer in self.closers:
+            await closer.aclose()
+        await self.store.close()
+
+
+def gateway_of(request: Request) -> Gateway:
+    gw: Gateway = request.app.state.gateway
+    return gw
