@@ -26,9 +26,10 @@ from gateway.config import Settings
 from gateway.errors import ApiError
 from gateway.memory import MemoryReleaser
 from gateway.metrics import Metrics
-from gateway.providers import truecaller, veriphone
 from gateway.providers.base import Deps
 from gateway.providers.truecaller.profile_client import ProfileClient
+from gateway.providers.truecaller.routes import mount as mount_truecaller
+from gateway.providers.veriphone.routes import mount as mount_veriphone
 from gateway.retention import Retention
 from gateway.sessions import Sessions
 from gateway.starter import Starter
@@ -72,11 +73,11 @@ def build_gateway(settings: Settings) -> tuple[Gateway, list[BaseRoute]]:
         # The profile fetch has a client of its own: leaner than httpx on the hot path.
         profile_client = ProfileClient()
         gw.closers.append(profile_client)
-        provider, provider_routes = truecaller.mount(deps, profile_client)
+        provider, provider_routes = mount_truecaller(deps, profile_client)
         gw.providers[provider.name] = provider
         routes += provider_routes
     if settings.providers.veriphone.enabled:
-        vp, vp_routes = veriphone.mount(deps, starter)
+        vp, vp_routes = mount_veriphone(deps, starter)
         gw.providers[vp.name] = vp
         routes += vp_routes
     starter.providers.update(gw.providers)

@@ -1,0 +1,1 @@
+"""Provider integrations, one folder each, behind the `Provider` interface of `base`."""

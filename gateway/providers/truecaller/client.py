@@ -12,14 +12,14 @@ from dataclasses import dataclass
 
 import httpx
 
+from gateway.providers.truecaller.decode import MAX_TOKEN_LENGTH
 from gateway.providers.truecaller.endpoint_guard import CheckedEndpoint
 from gateway.providers.truecaller.profile_client import ProfileClient, ProfileClientError, ResponseTooLarge, Timeout
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("gateway.truecaller")
 
 # Visible ASCII only: no header injection, and no encoding error that could quote the token.
 _TOKEN = re.compile(r"[\x21-\x7e]+")
-MAX_TOKEN_LENGTH = 4096
 _DIGITS = re.compile(r"[0-9]+")
 
 

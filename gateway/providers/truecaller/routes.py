@@ -9,7 +9,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from gateway.metrics import Metrics
+from gateway.providers.base import Deps
 from gateway.providers.truecaller.decode import FIELDS, parse_callback
+from gateway.providers.truecaller.profile_client import ProfileClient
 from gateway.providers.truecaller.service import Truecaller
 from gateway.web.jsonbody import read_json_object
 
@@ -28,3 +30,9 @@ def routes(truecaller: Truecaller, metrics: Metrics) -> list[BaseRoute]:
         return JSONResponse({"status": status}, headers={"cache-control": "no-store"})
 
     return [Route(CALLBACK_PATH, callback, methods=["POST"])]
+
+
+def mount(deps: Deps, profile_client: ProfileClient) -> tuple[Truecaller, list[BaseRoute]]:
+    """The provider for the session service, and its routes: what the app factory calls."""
+    provider = Truecaller(deps, profile_client)
+    return provider, routes(provider, deps.metrics)

@@ -28,10 +28,10 @@ from gateway.providers.truecaller.decode import (
     REJECTIONS,
     StatusCallback,
     TokenCallback,
+    decode_profile,
     loggable_status,
 )
 from gateway.providers.truecaller.endpoint_guard import CheckedEndpoint, Resolver, check_endpoint
-from gateway.providers.truecaller.profile import decode_profile
 from gateway.providers.truecaller.profile_client import ProfileClient
 from gateway.records import TOKEN_LIFETIME, ClaimResult, Session, TokenClaim
 from gateway.sessions import public_ref

@@ -14,6 +14,7 @@ from starlette.routing import BaseRoute, Route
 from gateway.clientip import parse_networks
 from gateway.errors import ApiError, BadRequest, NotFound
 from gateway.outcome import FAILED, VERIFIED
+from gateway.providers.base import Deps
 from gateway.providers.veriphone.service import Veriphone
 from gateway.starter import Starter
 from gateway.web.client import client_of
@@ -147,3 +148,9 @@ def routes(veriphone: Veriphone, starter: Starter) -> list[BaseRoute]:
         Route(RESULT_PATH, result_redirect, methods=["GET"]),
         Route(RESULT_PATH, result_json, methods=["POST"]),
     ]
+
+
+def mount(deps: Deps, starter: Starter) -> tuple[Veriphone, list[BaseRoute]]:
+    """The provider for the session service, and its routes: what the app factory calls."""
+    provider = Veriphone(deps)
+    return provider, routes(provider, starter)
