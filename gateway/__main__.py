@@ -1,3 +1,5 @@
+"""`python -m gateway`: the same command line as `gateway`."""
+
 from __future__ import annotations
 
 import sys

@@ -38,7 +38,7 @@ class GatewayServer(uvicorn.Server):
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
-        # Issue 7: uvicorn re-raises a captured SIGTERM after its graceful shutdown, so the process
+        # uvicorn re-raises a captured SIGTERM after its graceful shutdown, so the process
         # would die by the signal (status 143); the contract says a SIGTERM stop exits 0.
         # A no-op handler installed around uvicorn's turns that re-raise into nothing.
         if threading.current_thread() is not threading.main_thread():
@@ -72,7 +72,7 @@ def build_server(settings: Settings, *, log_config: dict[str, object] | None = N
         timeout_graceful_shutdown=max(1, int(settings.server.shutdown_timeout)),
         server_header=False,
         proxy_headers=False,
-        # No WebSocket routes; uvicorn's WebSocket code would log raw request paths (issue 7).
+        # No WebSocket routes; uvicorn's WebSocket code would log raw request paths (session ids).
         ws="none",
     )
     return GatewayServer(config, [gateway.begin_shutdown])
@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.logging)
     sockets: list[socket.socket] | None = None
     if settings.sandbox:
-        # issue 5: bind before building the app, so the sandbox's self-pointing URLs carry the
+        # Bind before building the app, so the sandbox's self-pointing URLs carry the
         # real port (port 0 included); uvicorn then serves on this socket.
         from gateway.sandbox import apply_sandbox, bind_socket
 

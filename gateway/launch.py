@@ -11,7 +11,7 @@ import sys
 
 
 def exec_with_system_malloc() -> None:
-    """Start again on glibc's malloc instead of Python's small-object allocator (issue 6).
+    """Start again on glibc's malloc instead of Python's small-object allocator.
 
     Ten thousand streams come and go as millions of small objects. pymalloc keeps them in
     1 MiB arenas that go back to the OS only when completely empty, and a few survivors pin

@@ -1,3 +1,5 @@
+"""Shared fixtures: a database path in a temp dir and a running gateway on a free port."""
+
 from __future__ import annotations
 
 from collections.abc import AsyncIterator

@@ -1,4 +1,4 @@
-"""The benchmark (`python -m bench`, issue 6) end to end with tiny numbers.
+"""The benchmark (`python -m bench`) end to end with tiny numbers.
 
 It starts the real gateway, the fake profile host, the yardstick and load-generator processes,
 so this also checks that every process it starts is gone afterwards.

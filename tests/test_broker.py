@@ -1,3 +1,5 @@
+"""The in-process broker: per-session fan-out, waits with timeouts, slow subscribers dropped."""
+
 from __future__ import annotations
 
 import asyncio

@@ -1,3 +1,5 @@
+"""The client address behind trusted proxies, table-driven: X-Forwarded-For is believed only from them."""
+
 from __future__ import annotations
 
 import ipaddress

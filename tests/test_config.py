@@ -1,3 +1,5 @@
+"""config.toml: the contract's defaults, secrets from the environment, one-line errors naming the key."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,3 +1,5 @@
+"""The Truecaller endpoint check: only allowed hosts, https on 443, global addresses, hostile URLs refused."""
+
 from __future__ import annotations
 
 import asyncio

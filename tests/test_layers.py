@@ -152,7 +152,7 @@ def test_there_is_no_import_cycle() -> None:
         state[module] = 1
         for dep in sorted(deps[module]):
             if state.get(dep) == 1:
-                cycle = path[path.index(dep) :] + [dep]
+                cycle = [*path[path.index(dep) :], dep]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if dep not in state:
                 visit(dep, [*path, dep])

@@ -1,3 +1,5 @@
+"""The memory releaser: a full collection and malloc_trim only after a large drop of open streams."""
+
 from __future__ import annotations
 
 from gateway.broker import Broker

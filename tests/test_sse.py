@@ -1,3 +1,5 @@
+"""SSE framing, table-driven: event, data, id and retry lines."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -1,3 +1,5 @@
+"""The Truecaller profile fetch: pinned address, retries on 5xx and timeouts, denials, size and deadline bounds."""
+
 from __future__ import annotations
 
 import asyncio

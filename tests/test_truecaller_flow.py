@@ -564,7 +564,7 @@ async def test_the_profile_is_fetched_while_the_token_commits_and_the_outcome_wa
 
 
 async def test_a_quick_profile_commits_with_the_token_in_one_fsync(env: Env) -> None:
-    """Issue 6 (delivery): token, progress and outcome share one commit when the profile is quick."""
+    """A quick profile: token, progress and outcome share one commit (one fsync on the delivery path)."""
     sid, nonce = await env.start()
     token = env.fake.issue_token(PHONE)
     commits = env.gw.gateway.store.db.commits

@@ -1,3 +1,5 @@
+"""Decoding a Truecaller profile into an outcome, table-driven: odd types, missing fields, mismatched phones."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -5,7 +7,7 @@ from typing import Any
 import pytest
 
 from gateway.outcome import FAILED, VERIFIED, Outcome
-from gateway.providers.truecaller.profile import MAX_FIELD_LENGTH, decode_profile
+from gateway.providers.truecaller.decode import MAX_FIELD_LENGTH, decode_profile
 
 FULL: dict[str, Any] = {
     "id": "a1b2c3",

@@ -1,3 +1,5 @@
+"""The Veriph.One API client against httpx.MockTransport: request shapes, odd answers, failures mapped."""
+
 from __future__ import annotations
 
 import asyncio

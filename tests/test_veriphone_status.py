@@ -1,3 +1,5 @@
+"""Decoding Veriph.One status bits into an outcome, table-driven from the documented flags."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -15,9 +15,9 @@ import httpx
 import uvicorn
 from starlette.types import ASGIApp
 
-from gateway.web.context import Gateway
 from gateway.cli import GatewayServer, build_server
 from gateway.config import Settings, settings_from_dict
+from gateway.web.context import Gateway
 
 
 def merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -155,7 +155,7 @@ def parse_sse(raw: bytes) -> list[dict[str, str]]:
     return events
 
 
-# --- gateway processes (issue 7: the shutdown and zipapp tests run the real thing) ----------
+# --- gateway processes (the shutdown and zipapp tests run the real thing) -------------------
 
 
 def free_port() -> int:
@@ -194,7 +194,7 @@ async def wait_ready(base_url: str, proc: asyncio.subprocess.Process, timeout: f
             await asyncio.sleep(0.05)
 
 
-# --- sandbox mode (issue 5) ----------------------------------------------------------------
+# --- sandbox mode --------------------------------------------------------------------------
 
 
 @contextlib.asynccontextmanager

@@ -45,8 +45,8 @@ EXPIRY_GRACE = 5.0
 # Truecaller wants an answer within 3 s; DNS is the only slow step before it.
 RESOLVE_TIMEOUT = 1.5
 # A token callback waits this long for the profile before it commits the token alone: a
-# profile that comes sooner commits with the token and the outcome in one fsync (the delivery
-# path of issue 6), and the answer to Truecaller is at most this much later.
+# profile that comes sooner commits with the token and the outcome in one fsync (a shorter
+# path from callback to browser), and the answer to Truecaller is at most this much later.
 ONE_COMMIT_WAIT = 0.25
 
 
