@@ -1,10 +1,11 @@
-"""`python -m bench`: benchmark the real gateway (issue 6). See docs/BENCHMARKS.md.
+"""`python -m bench`: benchmark the real gateway. See docs/BENCHMARKS.md.
 
 python -m bench                                  # full run: N = 1,000 and 10,000
 python -m bench --streams 1000 --cpu-window 10   # quicker
 python -m bench --markdown                       # print the table as Markdown (for the doc)
 python -m bench --report bench/results/latest.json --markdown   # re-render, no run
 python -m bench --profile --memory-profile       # also py-spy and tracemalloc breakdowns
+python -m bench --profile-client-ab --markdown   # only: lean profile client vs httpx (~2 min)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-PHASES = ("streams", "throughput", "polling")
+PHASES = ("streams", "throughput", "polling", "profile-client-ab")
 
 
 def _phases(text: str) -> tuple[str, ...]:
@@ -70,13 +71,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--phases",
         default="streams,throughput,polling",
-        help="which phases to run, comma-separated (default streams,throughput,polling)",
+        help="which phases to run, comma-separated (default streams,throughput,polling; also: profile-client-ab)",
     )
     p.add_argument(
         "--switch-interval",
         type=float,
         metavar="S",
         help="experiment: run the gateway with sys.setswitchinterval(S) (GIL hand-off cost)",
+    )
+    p.add_argument(
+        "--profile-client-ab",
+        action="store_true",
+        help="run only the A/B of the profile fetch client, lean HTTP/1.1 vs httpx (= --phases profile-client-ab)",
+    )
+    p.add_argument(
+        "--ab-rounds",
+        type=int,
+        default=2,
+        help="A/B rounds; each is one leg per client, in alternating order (default 2: lean, httpx, httpx, lean)",
     )
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--report", type=Path, help="render this results JSON instead of running")
@@ -111,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
             out=args.out,
             profile=args.profile,
             memory_profile=args.memory_profile,
-            phases=_phases(args.phases),
+            phases=("profile-client-ab",) if args.profile_client_ab else _phases(args.phases),
             switch_interval=args.switch_interval,
+            ab_rounds=max(1, args.ab_rounds),
             quiet=args.quiet,
         )
         try:

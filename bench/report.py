@@ -1,4 +1,4 @@
-"""The results table (plain text or Markdown) and the issue-6 targets, from the results JSON."""
+"""The results table (plain text or Markdown) and the targets, from the results JSON."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _largest(results: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The targets of issue 6, judged on the largest N measured (10,000 in a full run)."""
+    """The benchmark's targets, judged on the largest N measured (10,000 in a full run)."""
     out: list[dict[str, Any]] = []
     big = _largest(results)
 
@@ -309,6 +309,52 @@ def rows(results: dict[str, Any]) -> list[Row]:
                     "",
                 )
             )
+    ab = results.get("profile_client_ab")
+    if ab:
+        out += ab_rows(ab)
+    return out
+
+
+def ab_rows(ab: dict[str, Any]) -> list[Row]:
+    """The profile-client A/B: every leg, each client over its legs, and httpx : lean."""
+    out: list[Row] = []
+    for leg in ab["legs"]:
+        flow, lat = leg["throughput"], leg["delivery"]["latency"]
+        out.append(
+            (
+                f"[A/B leg {leg['leg']}: {leg['client']}] Verifications/s ({flow['concurrency']} workers, "
+                f"{_num(flow['duration_s'], 0)} s); delivery p50/p99 ({lat['samples']} paced samples); "
+                "profile fetch mean (gateway /metrics)",
+                f"{_num(flow['verifications_per_s'], 0)}/s (errors {flow['errors']}; gateway CPU "
+                f"{_num(flow['gateway_cpu_pct_of_one_core'], 0)}%, machine busy "
+                f"{_num(flow['machine_busy_pct_of_one_core'], 0)}%); "
+                f"{_dist(lat['e2e_ms'], ('p50', 'p99'))} ms (errors {lat['errors']}); "
+                f"{_num(lat['gateway_mean_ms'].get('profile_fetch', float('nan')), 2)} ms",
+                "",
+                "",
+            )
+        )
+    for name, c in ab["clients"].items():
+        out.append(
+            (
+                f"[A/B] {name} client over its {c['legs']} legs: verifications/s (mean); delivery p50/p99 "
+                f"(all {c['delivery_ms']['n']} paced samples); profile fetch mean",
+                f"{_num(c['verifications_per_s'], 0)}/s "
+                f"({', '.join(_num(v, 0) for v in c['verifications_per_s_legs'])}); "
+                f"{_dist(c['delivery_ms'], ('p50', 'p99'))} ms; {_num(c['profile_fetch_mean_ms'], 2)} ms",
+                "",
+                "",
+            )
+        )
+    r = ab["ratio_httpx_to_lean"]
+    out.append(
+        (
+            "[A/B] httpx : lean, verifications/s; delivery p50; delivery p99",
+            f"{r['verifications_per_s']:.3f}; {r['delivery_p50']:.3f}; {r['delivery_p99']:.3f}",
+            ">= 0.85; <= 1.15; (p99 not judged)",
+            "httpx within 15%" if ab["httpx_within_15pct"] else "httpx **NOT** within 15%",
+        )
+    )
     return out
 
 

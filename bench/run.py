@@ -13,6 +13,9 @@ Phases (each in a fresh gateway process with a fresh SQLite file unless said oth
    offset; time to outcome and requests per verification.
 4. Startup: spawn → /readyz 200 for every gateway started, plus a restart on the throughput
    database; SIGTERM → exit for every stop.
+5. Only when asked (`--profile-client-ab`, or the phase `profile-client-ab`): the Truecaller
+   profile fetch on the lean HTTP/1.1 client against httpx, alternating in fresh gateways,
+   each leg with the paced delivery measurement of 1. and the throughput measurement of 2.
 """
 
 from __future__ import annotations
@@ -42,6 +45,15 @@ from bench.procs import BenchError, Service
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
+
+# The profile-client A/B (`python -m bench --profile-client-ab`).
+AB_CLIENTS = ("lean", "httpx")
+AB_MARGIN = 0.15
+AB_WARMUP = 8  # verifications on every A/B gateway before the delivery measurement
+AB_RULE = (
+    "httpx is within 15% when its verifications/s are at least 85% of the lean client's and its "
+    "paced delivery p50 at most 115% of the lean client's (each client over all of its legs)"
+)
 
 
 def _metric(body: bytes, name: bytes, labels: bytes = b"") -> float | None:
@@ -80,6 +92,7 @@ class Options:
     memory_profile: bool = False
     phases: tuple[str, ...] = ("streams", "throughput", "polling")
     switch_interval: float | None = None  # run the gateway with sys.setswitchinterval(this)
+    ab_rounds: int = 2  # profile-client A/B: rounds of (lean, httpx), every other one reversed
     quiet: bool = False
 
 
@@ -244,7 +257,9 @@ class Bench:
         assert self.fake is not None
         return f"http://{HOST}:{self.fake.port}/v1/default"
 
-    def start_gateway(self, name: str, *, db: Path | None = None, traced: Path | None = None) -> Service:
+    def start_gateway(
+        self, name: str, *, db: Path | None = None, traced: Path | None = None, profile_client: str | None = None
+    ) -> Service:
         assert self.fake is not None
         work = self.tmp / name
         work.mkdir(exist_ok=True)
@@ -257,6 +272,8 @@ class Bench:
             runner += ["--tracemalloc", str(traced)]
         if self.opts.switch_interval is not None:
             runner += ["--switch-interval", str(self.opts.switch_interval)]
+        if profile_client is not None:
+            runner += ["--profile-client", profile_client]
         if runner:
             argv = procs.python_argv("-m", "bench.gateway_runner", *runner, "--", "serve", "--config", str(config))
             env = _env_with_repo()
@@ -315,6 +332,19 @@ class Bench:
         if profiler is not None:
             self.profiles[label] = profiler.stop()
 
+    def create_sample(self, n: int, sample: int) -> None:
+        """The `sample` sessions whose streams time delivery, on worker 0."""
+        assert self.pool is not None
+        r = self.pool.call({0: {"op": "create", "count": sample, "concurrency": 8, "tag": "sample"}})[0]
+        if r["created"] != sample:
+            raise BenchError(f"N={n}: created {r['created']} of {sample} sample sessions: {r['first_error']}")
+
+    def open_sample(self, n: int, sample: int) -> None:
+        assert self.pool is not None
+        r = self.pool.call({0: {"op": "open", "concurrency": 8, "tag": "sample", "keep_data": True}})[0]
+        if r["opened"] != sample:
+            raise BenchError(f"N={n}: opened {r['opened']} of {sample} sample streams: {r['first_error']}")
+
     # phases
     def streams_phase(self, n: int) -> dict[str, Any]:
         opts, pool = self.opts, self.pool
@@ -331,7 +361,7 @@ class Bench:
         workers = list(range(pool.size))
         log(opts, f"N={n}: creating {n} sessions")
         if sample:
-            pool.call({0: {"op": "create", "count": sample, "concurrency": 8, "tag": "sample"}})
+            self.create_sample(n, sample)
         shares = split(hold, pool.size)
         per_worker = max(1, opts.create_concurrency // pool.size)
         replies = pool.call(
@@ -353,9 +383,7 @@ class Bench:
 
         log(opts, f"N={n}: opening {n} streams")
         if sample:
-            r = pool.call({0: {"op": "open", "concurrency": 8, "tag": "sample", "keep_data": True}})[0]
-            if r["opened"] != sample:
-                raise BenchError(f"N={n}: opened {r['opened']} of {sample} sample streams: {r['first_error']}")
+            self.open_sample(n, sample)
         profiler = self.profiler(svc, f"open-{n}") if largest else None
         gil_profiler = self.profiler(svc, f"open-{n}-gil", gil=True) if largest else None
         per_worker = max(1, opts.open_concurrency // pool.size)
@@ -408,41 +436,7 @@ class Bench:
 
         # delivery latency on the sampled streams
         if sample:
-            # Three quarters of the sample 10 ms apart (an idle machine between verifications),
-            # the rest back to back; then the machine's own floor at the 10 ms pace.
-            paced = max(1, sample * 3 // 4)
-            log(opts, f"N={n}: delivery latency on {sample} sampled streams ({paced} paced 10 ms apart)")
-            for key, gap, limit in (("latency", 0.01, paced), ("latency_back_to_back", 0.0, None)):
-                probe = {"op": "probe", "tag": "sample", "endpoint": self.endpoint, "gap": gap, "concurrency": 1}
-                before = self.gateway_timings(svc)
-                r = pool.call({0: {**probe, "limit": limit}})[0]
-                after = self.gateway_timings(svc)
-                rows = r["rows"]
-                if not rows:
-                    continue
-                result[key] = {
-                    "samples": len(rows),
-                    "gap_s": gap,
-                    "errors": r["errors"],
-                    "first_error": r["first_error"],
-                    "open_streams_during": n,
-                    "e2e_ms": summary([x["e2e"] for x in rows]),
-                    "callback_answer_ms": summary([x["answer"] for x in rows]),
-                    "progress_event_ms": summary([x["progress"] for x in rows if x["progress"] == x["progress"]]),
-                    "push_lag_ms": summary([x["push_lag"] for x in rows if x["push_lag"] == x["push_lag"]]),
-                    # The gateway's own histograms over the same samples: where the time goes.
-                    "gateway_mean_ms": {
-                        k: (after[k][0] - before[k][0]) * 1000 / max(after[k][1] - before[k][1], 1)
-                        for k in after
-                        if k in before
-                    },
-                }
-            rtt = pool.call({0: {"op": "floor", "path": "/healthz", "gap": 0.01, "count": 200}})[0]["rtt_ms"]
-            db_dir = self.databases[svc.name].parent
-            result["floor_10ms_pace"] = {
-                "healthz_rtt_ms": summary(rtt),
-                "fdatasync_4k_ms": summary(procs.fdatasync_ms(db_dir, 0.01, 200)),
-            }
+            self.delivery(svc, n, sample, result)
         stats = pool.all("stats")
         result["holder_streams_alive_before_close"] = sum(r["alive"] for r in stats.values())
 
@@ -474,6 +468,53 @@ class Bench:
         }
         self.stop_gateway(svc, f"streams-{n}")
         return result
+
+    def delivery(self, svc: Service, n: int, sample: int, result: dict[str, Any], floor: bool = True) -> list[float]:
+        """Delivery latency on worker 0's open `sample` streams, into `result`; the paced e2e values (ms).
+
+        Three quarters of the sample 10 ms apart (an idle machine between verifications), the
+        rest back to back; then (`floor`) the machine's own floor at the 10 ms pace.
+        """
+        opts, pool = self.opts, self.pool
+        assert pool is not None
+        paced_e2e: list[float] = []
+        paced = max(1, sample * 3 // 4)
+        log(opts, f"N={n}: delivery latency on {sample} sampled streams ({paced} paced 10 ms apart)")
+        for key, gap, limit in (("latency", 0.01, paced), ("latency_back_to_back", 0.0, None)):
+            probe = {"op": "probe", "tag": "sample", "endpoint": self.endpoint, "gap": gap, "concurrency": 1}
+            before = self.gateway_timings(svc)
+            r = pool.call({0: {**probe, "limit": limit}})[0]
+            after = self.gateway_timings(svc)
+            rows = r["rows"]
+            if not rows:
+                continue
+            if key == "latency":
+                paced_e2e = [x["e2e"] for x in rows]
+            result[key] = {
+                "samples": len(rows),
+                "gap_s": gap,
+                "errors": r["errors"],
+                "first_error": r["first_error"],
+                "open_streams_during": n,
+                "e2e_ms": summary([x["e2e"] for x in rows]),
+                "callback_answer_ms": summary([x["answer"] for x in rows]),
+                "progress_event_ms": summary([x["progress"] for x in rows if x["progress"] == x["progress"]]),
+                "push_lag_ms": summary([x["push_lag"] for x in rows if x["push_lag"] == x["push_lag"]]),
+                # The gateway's own histograms over the same samples: where the time goes.
+                "gateway_mean_ms": {
+                    k: (after[k][0] - before[k][0]) * 1000 / max(after[k][1] - before[k][1], 1)
+                    for k in after
+                    if k in before
+                },
+            }
+        if floor:
+            rtt = pool.call({0: {"op": "floor", "path": "/healthz", "gap": 0.01, "count": 200}})[0]["rtt_ms"]
+            db_dir = self.databases[svc.name].parent
+            result["floor_10ms_pace"] = {
+                "healthz_rtt_ms": summary(rtt),
+                "fdatasync_4k_ms": summary(procs.fdatasync_ms(db_dir, 0.01, 200)),
+            }
+        return paced_e2e
 
     def memory_profile_phase(self, n: int) -> dict[str, Any]:
         """Where the per-stream memory goes: tracemalloc diff (source lines) and object counts."""
@@ -546,8 +587,20 @@ class Bench:
 
     def throughput_phase(self) -> tuple[dict[str, Any], Service]:
         opts, pool = self.opts, self.pool
-        assert pool is not None and self.fake is not None
+        assert pool is not None
         svc = self.start_gateway("throughput")
+        flow = self.verifications(svc)
+        procs_used, lanes = flow["processes"], split(opts.concurrency, flow["processes"])
+        self.yardstick(flow, procs_used, lanes)
+        return flow, svc
+
+    def verifications(self, svc: Service, label: str = "throughput") -> dict[str, Any]:
+        """Complete verifications/s on `svc`: --concurrency workers in 2 processes over --duration s.
+
+        With --profile, py-spy records the gateway meanwhile as `profile-<label>[-gil].txt`.
+        """
+        opts, pool = self.opts, self.pool
+        assert pool is not None and self.fake is not None
         pid = svc.pid
         procs_used = min(2, pool.size)
         lanes = split(opts.concurrency, procs_used)
@@ -566,12 +619,12 @@ class Bench:
                 duration=opts.duration,
                 endpoint=self.endpoint,
             )
-        profiler = self.profiler(svc, "throughput")
-        gil_profiler = self.profiler(svc, "throughput-gil", gil=True)
+        profiler = self.profiler(svc, label)
+        gil_profiler = self.profiler(svc, f"{label}-gil", gil=True)
         cpu = self._cpu_during(pid, start_at + opts.warmup, opts.duration)
         replies = {i: pool.recv(i) for i in range(procs_used)}
-        self.finish_profile(profiler, "throughput")
-        self.finish_profile(gil_profiler, "throughput-gil")
+        self.finish_profile(profiler, label)
+        self.finish_profile(gil_profiler, f"{label}-gil")
         served = json.loads(procs.http_get(self.fake.port, "/bench/stats")[1])["served"] - served0
         completed = sum(r["completed"] for r in replies.values())
         flow = {
@@ -590,8 +643,12 @@ class Bench:
             "profiles_served_by_fake": served,
             "gateway_rss_kib_after": procs.rss_kib(pid),
         }
+        return flow
 
-        # the yardstick
+    def yardstick(self, flow: dict[str, Any], procs_used: int, lanes: list[int]) -> None:
+        """The same client code against a trivial Starlette JSON endpoint, into `flow`."""
+        opts, pool = self.opts, self.pool
+        assert pool is not None
         port = procs.free_port()
         loop = self.gateway_loop if self.gateway_loop in ("asyncio", "uvloop") else "asyncio"
         ys = Service(
@@ -655,7 +712,74 @@ class Bench:
             "machine_busy_pct_of_one_core": fresh_cpu["machine_busy_pct_of_one_core"],
         }
         flow["ratio_to_yardstick"] = flow["verifications_per_s"] / rps if rps else float("nan")
-        return flow, svc
+
+    def profile_client_ab_phase(self) -> dict[str, Any]:
+        """The lean profile client against httpx, alternating, in fresh gateways (see AB_RULE).
+
+        Legs in ABBA order per round (lean, httpx, httpx, lean, ...), so a drift of the machine
+        over the run weighs on both clients alike. Each leg: a fresh gateway (through
+        bench.gateway_runner, `--profile-client lean|httpx`), AB_WARMUP unmeasured
+        verifications, the paced delivery measurement on `sample` open streams, then the
+        throughput measurement (with its own warm-up); the fake profile host's `User-Agent`
+        count proves which client served the leg.
+        """
+        opts, pool = self.opts, self.pool
+        assert pool is not None and self.fake is not None
+        order = [c for r in range(opts.ab_rounds) for c in (AB_CLIENTS if r % 2 == 0 else AB_CLIENTS[::-1])]
+        sample = max(opts.sample, 4)
+        legs: list[dict[str, Any]] = []
+        paced: dict[str, list[float]] = {c: [] for c in AB_CLIENTS}
+        for k, client in enumerate(order, 1):
+            log(opts, f"profile client A/B, leg {k} of {len(order)}: {client}")
+            stats0 = json.loads(procs.http_get(self.fake.port, "/bench/stats")[1])
+            svc = self.start_gateway(f"ab-{k}-{client}", profile_client=client)
+            pool.all("target", host=HOST, port=svc.port)
+            opened = sample + AB_WARMUP
+            self.create_sample(opened, opened)
+            self.open_sample(opened, opened)
+            # Unmeasured: a process's first profile fetch imports and connects.
+            warmup = {"op": "probe", "tag": "sample", "endpoint": self.endpoint, "gap": 0.0, "concurrency": 1}
+            warm = pool.call({0: {**warmup, "limit": AB_WARMUP}})[0]
+            if warm["errors"] or len(warm["rows"]) != AB_WARMUP:
+                raise BenchError(f"A/B leg {k} ({client}): warm-up failed: {warm['first_error']}")
+            delivery: dict[str, Any] = {}
+            paced[client] += self.delivery(svc, sample, sample, delivery, floor=False)
+            flow = self.verifications(svc, f"ab-{k}-{client}")
+            self.stop_gateway(svc, f"ab-{k}-{client}")
+            stats1 = json.loads(procs.http_get(self.fake.port, "/bench/stats")[1])
+            served = stats1["served"] - stats0["served"]
+            by_httpx = stats1["served_httpx"] - stats0["served_httpx"]
+            if served == 0 or by_httpx != (served if client == "httpx" else 0):
+                raise BenchError(f"A/B leg {k} ({client}): {by_httpx} of {served} profiles were fetched by httpx")
+            legs.append(
+                {
+                    "leg": k,
+                    "client": client,
+                    "profiles_served": served,
+                    "served_by_httpx": by_httpx,
+                    "gateway_exit_code": svc.exit_code,
+                    "delivery": delivery,
+                    "throughput": flow,
+                }
+            )
+        clients = {c: _ab_client([leg for leg in legs if leg["client"] == c], paced[c]) for c in AB_CLIENTS}
+        lean, httpx = clients["lean"], clients["httpx"]
+        ratio = {
+            "verifications_per_s": httpx["verifications_per_s"] / lean["verifications_per_s"],
+            "delivery_p50": httpx["delivery_ms"]["p50"] / lean["delivery_ms"]["p50"],
+            "delivery_p99": httpx["delivery_ms"]["p99"] / lean["delivery_ms"]["p99"],
+        }
+        return {
+            "rounds": opts.ab_rounds,
+            "order": order,
+            "sample": sample,
+            "legs": legs,
+            "clients": clients,
+            "ratio_httpx_to_lean": ratio,
+            "rule": AB_RULE,
+            "httpx_within_15pct": ratio["verifications_per_s"] >= 1 - AB_MARGIN
+            and ratio["delivery_p50"] <= 1 + AB_MARGIN,
+        }
 
     def _cpu_during(self, pid: int, start: float, duration: float) -> dict[str, float]:
         time.sleep(max(0.0, start - time.monotonic()))
@@ -723,7 +847,8 @@ class Bench:
         started = time.time()
         t0 = time.monotonic()
         load_at_start = os.getloadavg()
-        largest = max(opts.streams) if opts.streams else 0
+        only_ab = set(opts.phases) == {"profile-client-ab"}
+        largest = max(opts.streams) if opts.streams and not only_ab else 0
         size = max(2, math.ceil(largest / opts.max_per_process))
         log(opts, f"starting the fake profile host and {size} load-generator processes")
         self.fake = self.start_fake()
@@ -735,22 +860,26 @@ class Bench:
                 results["streams"].append(self.streams_phase(n))
         if opts.memory_profile and largest:
             results["memory_profile"] = self.memory_profile_phase(largest)
-        if "throughput" in opts.phases:
-            flow, svc = self.throughput_phase()
-            results["throughput"] = flow
-        else:
-            svc = self.start_gateway("throughput")
-        if "polling" in opts.phases:
-            results["polling"] = self.polling_phase(svc)
-        restart = self.restart_phase(svc)
-        results["startup"] = {
-            "fresh_ready_s": self.startups,
-            "fresh_ready_median_s": statistics.median(self.startups),
-            "fresh_ready_max_s": max(self.startups),
-            "restart_ready_s": restart["ready_s"],
-            "restart_sessions_in_db": restart["sessions_in_db"],
-            "shutdowns": self.shutdowns,
-        }
+        if not only_ab:
+            if "throughput" in opts.phases:
+                flow, svc = self.throughput_phase()
+                results["throughput"] = flow
+            else:
+                svc = self.start_gateway("throughput")
+            if "polling" in opts.phases:
+                results["polling"] = self.polling_phase(svc)
+            restart = self.restart_phase(svc)
+        if "profile-client-ab" in opts.phases:
+            results["profile_client_ab"] = self.profile_client_ab_phase()
+        if not only_ab:
+            results["startup"] = {
+                "fresh_ready_s": self.startups,
+                "fresh_ready_median_s": statistics.median(self.startups),
+                "fresh_ready_max_s": max(self.startups),
+                "restart_ready_s": restart["ready_s"],
+                "restart_sessions_in_db": restart["sessions_in_db"],
+                "shutdowns": self.shutdowns,
+            }
         if self.profiles:
             results["profiles"] = self.profiles
         results["meta"] = {
@@ -767,6 +896,23 @@ class Bench:
 
         results["targets"] = evaluate_targets(results)
         return results
+
+
+def _ab_client(legs: list[dict[str, Any]], paced_e2e: list[float]) -> dict[str, Any]:
+    """One client's numbers over its A/B legs: mean verifications/s, delivery over every paced sample."""
+    rates = [leg["throughput"]["verifications_per_s"] for leg in legs]
+    fetch = [leg["delivery"]["latency"]["gateway_mean_ms"].get("profile_fetch", float("nan")) for leg in legs]
+    return {
+        "legs": len(legs),
+        "verifications_per_s": statistics.fmean(rates),
+        "verifications_per_s_legs": rates,
+        "verification_errors": sum(leg["throughput"]["errors"] for leg in legs),
+        "delivery_ms": summary(paced_e2e),
+        "delivery_p50_legs_ms": [leg["delivery"]["latency"]["e2e_ms"]["p50"] for leg in legs],
+        "delivery_p99_legs_ms": [leg["delivery"]["latency"]["e2e_ms"]["p99"] for leg in legs],
+        "delivery_errors": sum(leg["delivery"]["latency"]["errors"] for leg in legs),
+        "profile_fetch_mean_ms": statistics.fmean(fetch),
+    }
 
 
 def _short(filename: str) -> str:
