@@ -40,7 +40,6 @@ from gateway.providers.truecaller.profile_client import (  # the lean client's r
     _VISIBLE,
     CertificateError,
     ConnectError,
-    ProfileClient,
     ProfileClientError,
     ProtocolError,
     RawResponse,
@@ -220,16 +219,10 @@ def _check_headers(endpoint: CheckedEndpoint, headers: list[tuple[str, str]]) ->
             raise ValueError(f"refused request header {name[:40]!r}")  # never the value: it may be a secret
 
 
-class HttpxProfileClient(ProfileClient):
-    """`ProfileClient`'s interface and errors on `httpx.AsyncClient`.
-
-    It subclasses `ProfileClient` only so the gateway's fetch code, which picks its call path
-    with `isinstance(http, ProfileClient)`, takes the same path for both clients; it overrides
-    every public method and uses none of the lean client's code or state.
-    """
+class HttpxProfileClient:
+    """`ProfileClient`'s interface and errors on `httpx.AsyncClient`; it uses none of the lean client's code."""
 
     def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
-        # No super().__init__(): nothing of the lean client is used.
         self._transport = PinnedTransport(ssl_context)
         self._client = httpx.AsyncClient(
             transport=self._transport,

@@ -9,18 +9,30 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-
-import httpx
+from typing import Protocol
 
 from gateway.providers.truecaller.decode import MAX_TOKEN_LENGTH
 from gateway.providers.truecaller.endpoint_guard import CheckedEndpoint
-from gateway.providers.truecaller.profile_client import ProfileClient, ProfileClientError, ResponseTooLarge, Timeout
+from gateway.providers.truecaller.profile_client import ProfileClientError, RawResponse, ResponseTooLarge, Timeout
 
 logger = logging.getLogger("gateway.truecaller")
 
 # Visible ASCII only: no header injection, and no encoding error that could quote the token.
 _TOKEN = re.compile(r"[\x21-\x7e]+")
-_DIGITS = re.compile(r"[0-9]+")
+
+
+class ProfileGetter(Protocol):
+    """What the fetch needs of a client: `profile_client.ProfileClient` in the gateway, a fake in tests."""
+
+    async def get(
+        self,
+        endpoint: CheckedEndpoint,
+        address: str,
+        headers: list[tuple[str, str]],
+        *,
+        timeout: float,
+        max_bytes: int,
+    ) -> RawResponse: ...
 
 
 @dataclass(frozen=True)
@@ -57,7 +69,7 @@ class _Retryable(Exception):
 
 
 async def fetch_profile(
-    http: httpx.AsyncClient | ProfileClient,
+    http: ProfileGetter,
     endpoint: CheckedEndpoint,
     access_token: str,
     *,
@@ -83,8 +95,6 @@ async def fetch_profile(
         address = endpoint.addresses[(attempt - 1) % len(endpoint.addresses)]
         limit = min(timeout, remaining)
         try:
-            if isinstance(http, ProfileClient):
-                return await _attempt_lean(http, endpoint, address, access_token, limit, max_bytes, attempt)
             return await _attempt(http, endpoint, address, access_token, limit, max_bytes, attempt)
         except _Retryable as exc:
             last = FetchFailed(exc.detail, attempts=attempt, status_code=exc.status_code)
@@ -99,7 +109,7 @@ async def fetch_profile(
 
 
 def _headers(access_token: str) -> list[tuple[str, str]]:
-    """The request headers both clients send, besides Host and Accept-Encoding."""
+    """The request headers; the client adds Host and Accept-Encoding itself."""
     return [
         ("Authorization", f"Bearer {access_token}"),
         ("Cache-Control", "no-cache"),
@@ -107,8 +117,8 @@ def _headers(access_token: str) -> list[tuple[str, str]]:
     ]
 
 
-async def _attempt_lean(
-    http: ProfileClient,
+async def _attempt(
+    http: ProfileGetter,
     endpoint: CheckedEndpoint,
     address: str,
     access_token: str,
@@ -121,57 +131,13 @@ async def _attempt_lean(
     try:
         response = await http.get(endpoint, address, _headers(access_token), timeout=limit, max_bytes=max_bytes)
     except ResponseTooLarge as exc:
-        # The status still decides first, exactly as on the httpx path (a huge 503 is retried).
+        # The status still decides first (a huge 503 is retried, a huge 401 is a denial).
         return _judge(exc.status, attempt) or FetchFailed("too_large", attempts=attempt, status_code=exc.status)
     except Timeout:
         raise _Retryable("timeout") from None
     except ProfileClientError:
         raise _Retryable("transport") from None
     return _judge(response.status, attempt) or _decode(response.body, response.status, attempt)
-
-
-async def _attempt(
-    http: httpx.AsyncClient,
-    endpoint: CheckedEndpoint,
-    address: str,
-    access_token: str,
-    limit: float,
-    max_bytes: int,
-    attempt: int,
-) -> FetchResult:
-    # Connect to the checked IP; Host carries the real name. httpcore 1.0
-    # (_async/connection.py, AsyncHTTPConnection._connect) passes
-    # request.extensions["sni_hostname"] as start_tls(server_hostname=...), so SNI and
-    # certificate hostname verification use the real name, not the IP in the URL.
-    url = httpx.URL(scheme=endpoint.scheme, host=address, port=endpoint.port, raw_path=endpoint.target.encode("ascii"))
-    extensions = {"sni_hostname": endpoint.host} if endpoint.scheme == "https" else {}
-    request = http.build_request(
-        "GET",
-        url,
-        headers={
-            "Host": endpoint.host_header,
-            **dict(_headers(access_token)),
-            # Compressed bodies could inflate far past max_bytes inside one chunk.
-            "Accept-Encoding": "identity",
-        },
-        timeout=httpx.Timeout(limit),
-        extensions=extensions,
-    )
-    try:
-        # httpx's timeout is per socket operation; this bounds the whole attempt (slow drip).
-        async with asyncio.timeout(limit):
-            # auth=None: a client-level auth must not replace the Bearer header.
-            response = await http.send(request, stream=True, follow_redirects=False, auth=None)
-            try:
-                return await _read(response, max_bytes, attempt)
-            finally:
-                await response.aclose()
-    except (TimeoutError, httpx.TimeoutException):
-        raise _Retryable("timeout") from None
-    except httpx.TransportError:
-        raise _Retryable("transport") from None
-    except httpx.HTTPError:
-        return FetchFailed("http_error", attempts=attempt)
 
 
 def _judge(status: int, attempt: int) -> FetchResult | None:
@@ -194,19 +160,3 @@ def _decode(body: bytes, status: int, attempt: int) -> FetchResult:
     except (ValueError, RecursionError):
         return FetchFailed("bad_json", attempts=attempt, status_code=status)
     return FetchOk(profile, attempts=attempt)
-
-
-async def _read(response: httpx.Response, max_bytes: int, attempt: int) -> FetchResult:
-    status = response.status_code
-    judged = _judge(status, attempt)
-    if judged is not None:
-        return judged
-    declared = response.headers.get("Content-Length", "")
-    if _DIGITS.fullmatch(declared) and (len(declared) > 15 or int(declared) > max_bytes):
-        return FetchFailed("too_large", attempts=attempt, status_code=status)
-    body = bytearray()
-    async for chunk in response.aiter_bytes():
-        body += chunk
-        if len(body) > max_bytes:
-            return FetchFailed("too_large", attempts=attempt, status_code=status)
-    return _decode(bytes(body), status, attempt)
