@@ -40,6 +40,8 @@ from gateway.web.accesslog import AccessLog
 from gateway.web.context import Gateway, gateway_of
 from gateway.web.doors import HOT_PATHS, EndpointDoor, GatewayApp, StreamDoor, api_error, http_error, internal_error
 from gateway.web.stream import PATH_TEMPLATE
+from gateway.webhooks.delivery import WebhookSender
+from gateway.webhooks.signing import SESSION_COMPLETED, completed_event
 
 
 def build_gateway(settings: Settings) -> tuple[Gateway, list[BaseRoute]]:
@@ -67,6 +69,10 @@ def build_gateway(settings: Settings) -> tuple[Gateway, list[BaseRoute]]:
         http=http,
         trusted_proxies=parse_networks(settings.server.trusted_proxies),
     )
+    if settings.webhooks.url and SESSION_COMPLETED in settings.webhooks.events:
+        gw.webhooks = WebhookSender(store, settings.webhooks, metrics)
+        sessions.webhook_event = completed_event
+        sessions.on_webhook = gw.webhooks.wake
     deps = Deps(settings, sessions, store, metrics, background, http)
     routes: list[BaseRoute] = []
     if settings.providers.truecaller.enabled:

@@ -7,6 +7,7 @@ naming the file and the dotted key, before anything binds a port.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import ipaddress
 import os
@@ -137,6 +138,25 @@ class ProvidersConfig:
     veriphone: VeriphoneConfig = field(default_factory=VeriphoneConfig)
 
 
+WEBHOOK_EVENTS = ("session.completed",)
+WEBHOOK_SECRET_ENV = "GATEWAY_WEBHOOK_SECRET"  # noqa: S105 - the variable's name, not a secret
+
+
+@dataclass(frozen=True)
+class WebhooksConfig:
+    # Where signed outcome events are POSTed; empty = off. https, or http on a loopback host.
+    url: str = ""
+    timeout: float = 5.0  # seconds per delivery attempt, connect to last byte
+    max_attempts: int = 12  # attempts before a delivery is marked failed
+    max_age: float = 86_400  # seconds after which an undelivered event is marked failed
+    backoff: float = 1.0  # seconds before the first retry; doubles each attempt (with jitter), at most 1 h
+    concurrency: int = 4  # deliveries in flight at once
+    events: tuple[str, ...] = WEBHOOK_EVENTS
+    # The signing secrets (whsec_<base64>), only from the environment: GATEWAY_WEBHOOK_SECRET,
+    # several separated by spaces while a secret is rotated (each one signs every delivery).
+    secrets: tuple[str, ...] = field(default=(), repr=False, metadata={"env": WEBHOOK_SECRET_ENV})
+
+
 @dataclass(frozen=True)
 class Settings:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -146,6 +166,7 @@ class Settings:
     polling: PollingConfig = field(default_factory=PollingConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     providers: ProvidersConfig = field(default_factory=ProvidersConfig)
+    webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
     source: str = "<defaults>"
     sandbox: bool = False
 
@@ -177,7 +198,10 @@ def settings_from_dict(
     env = {} if env is None else env
     merged = _with_secrets(raw, env)
     settings = _build(Settings, merged, prefix="", source=source)
-    settings = dataclasses.replace(settings, source=source)
+    secrets = tuple(env.get(WEBHOOK_SECRET_ENV, "").split())
+    settings = dataclasses.replace(
+        settings, source=source, webhooks=dataclasses.replace(settings.webhooks, secrets=secrets)
+    )
     _check(settings)
     return settings
 
@@ -208,7 +232,10 @@ _T = typing.TypeVar("_T")
 def _build(cls: type[_T], raw: Mapping[str, Any], *, prefix: str, source: str) -> _T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
-    settable = {name for name in fields if name not in ("source", "sandbox") or prefix}
+    # Not from the file: the source and mode the loader sets, and secrets only the environment gives.
+    settable = {
+        name for name, f in fields.items() if (name not in ("source", "sandbox") or prefix) and "env" not in f.metadata
+    }
     for key in raw:
         if key not in settable:
             known = ", ".join(sorted(settable))
@@ -357,14 +384,61 @@ def _check(s: Settings) -> None:
         (p + "failure_url", vp.failure_url == "" or _is_url(vp.failure_url), "an absolute http(s) URL", vp.failure_url),
         (p + "locale", 2 <= len(vp.locale) <= 10, "a locale such as en or es", vp.locale),
     ]
+    wh = s.webhooks
+    p = "webhooks."
+    problems += [
+        (p + "url", wh.url == "" or _is_webhook_url(wh.url), "empty, an https URL, or http on a loopback host", wh.url),
+        (p + "timeout", 0 < wh.timeout <= 60, "seconds > 0 and <= 60", wh.timeout),
+        (p + "max_attempts", 1 <= wh.max_attempts <= 100, "an integer 1-100", wh.max_attempts),
+        (p + "max_age", 60 <= wh.max_age <= 2_592_000, "seconds from 60 to 2592000 (30 days)", wh.max_age),
+        (p + "backoff", 0 < wh.backoff <= 3600, "seconds > 0 and <= 3600", wh.backoff),
+        (p + "concurrency", 1 <= wh.concurrency <= 64, "an integer 1-64", wh.concurrency),
+    ]
+    for event in wh.events:
+        problems.append((p + "events", event in WEBHOOK_EVENTS, "a list of " + ", ".join(WEBHOOK_EVENTS), event))
     for key, ok, expected, got in problems:
         if not ok:
             raise ConfigError(f"{src}: {key}: expected {expected}, got {got!r}")
+    # The secrets are never echoed, not even in an error.
+    if wh.url and not wh.secrets:
+        raise ConfigError(f"{src}: webhooks.url is set, but {WEBHOOK_SECRET_ENV} is not (whsec_<base64>)")
+    for number, secret in enumerate(wh.secrets, 1):
+        if not _is_webhook_secret(secret):
+            raise ConfigError(
+                f"{WEBHOOK_SECRET_ENV}: secret {number} of {len(wh.secrets)} is not whsec_ followed by the"
+                " base64 of 24 to 64 random bytes"
+            )
 
 
 def _one_of(key: str, value: str, choices: tuple[str, ...]) -> tuple[str, bool, str, object]:
     """An optional documented value: empty leaves the parameter out of the deep link."""
     return key, value in ("", *choices), "empty or one of " + ", ".join(choices), value
+
+
+def _is_webhook_url(value: str) -> bool:
+    """https anywhere; plain http only to a loopback host (tests, a receiver on the same machine)."""
+    if not _is_url(value):
+        return False
+    parts = urlsplit(value)
+    if parts.scheme == "https":
+        return True
+    host = (parts.hostname or "").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_webhook_secret(value: str) -> bool:
+    if not value.startswith("whsec_"):
+        return False
+    try:
+        key = base64.b64decode(value[len("whsec_") :], validate=True)
+    except ValueError:
+        return False
+    return 24 <= len(key) <= 64
 
 
 def _is_url(value: str) -> bool:

@@ -45,12 +45,24 @@ class Metrics:
         self.db_write_seconds = Histogram(
             "gateway_db_write_seconds", "Time from queueing a write to its durable commit", buckets=_FAST, registry=r
         )
+        self.webhook_deliveries = Counter(
+            "gateway_webhook_deliveries",
+            "Webhook attempts by what became of the row: delivered, retried, failed",
+            ["result"],
+            registry=r,
+        )
+        self.webhook_attempts = Counter("gateway_webhook_attempts", "Webhook HTTP attempts made", registry=r)
+        self.webhook_oldest_pending = Gauge(
+            "gateway_webhook_oldest_pending_seconds", "Age of the oldest undelivered webhook (0: none)", registry=r
+        )
 
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         # Known series start at zero, so rate() and absent() work before the first event.
         for provider in ("truecaller", "veriphone"):
             self.sessions_created.labels(provider)
             self.callback_seconds.labels(provider)
+        for result in ("delivered", "retried", "failed"):
+            self.webhook_deliveries.labels(result)
         self.fetch_seconds.labels("truecaller", "profile")
         self.fetch_seconds.labels("veriphone", "result")
 

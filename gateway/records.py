@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -80,3 +81,35 @@ class PendingClaim:
     endpoint: str
     access_token: str
     token_expires_at: float
+
+
+# Makes an outbox event from a stored outcome: (session id, outcome object, now) →
+# (webhook-id, type, body). The store calls it inside the outcome's transaction.
+WebhookEvent = Callable[[str, dict[str, Any], float], tuple[str, str, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxItem:
+    """A pending webhook, as the delivery worker sends it."""
+
+    id: str
+    session_id: str
+    type: str
+    payload: str
+    attempts: int
+    enqueued_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """A webhook as the operator lists it: no payload (it holds personal data)."""
+
+    id: str
+    type: str
+    status: str  # pending | delivered | failed
+    attempts: int
+    enqueued_at: float
+    next_attempt_at: float
+    finished_at: float | None
+    last_status: int | None
+    last_error: str | None

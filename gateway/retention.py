@@ -3,7 +3,8 @@
 What stays is what operations need: provider, status, reason, timestamps and the Veriph.One
 status flags. What goes: the phone number, user_ref and provider data of the session row,
 and the outcome's phone, profile and user_ref, both in the row and in the stored `outcome`
-event a reconnecting stream would replay. `purged_at` records when.
+event a reconnecting stream would replay. `purged_at` records when. Webhooks that were
+delivered or failed are deleted after the same delay (pending ones wait for `max_age`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ class Retention:
             total += done
             if done < self.batch:
                 break
+        # Delivered and failed webhooks hold the outcome too: gone after the same delay.
+        while await self.store.outbox_prune(cutoff=self.clock() - self.retention, limit=self.batch) == self.batch:
+            pass
         if total:
             log.info("purged personal data of finished sessions", extra={"sessions": total})
         return total

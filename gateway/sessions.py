@@ -18,7 +18,7 @@ from typing import Any
 from gateway import sse
 from gateway.broker import Broker, Event
 from gateway.outcome import EXPIRED, PENDING, Outcome
-from gateway.records import Session, StoredEvent, TokenClaim
+from gateway.records import Session, StoredEvent, TokenClaim, WebhookEvent
 from gateway.storage.base import Finished, Progressed, Store
 
 log = logging.getLogger("gateway.sessions")
@@ -57,6 +57,10 @@ class Sessions:
         self._next_expiry_pass = 0.0
         # Told (provider, status, reason) of every stored outcome, e.g. for metrics.
         self.on_outcome: Callable[[str, str, str | None], None] | None = None
+        # With webhooks on: makes the outbox event stored with each outcome, and is told
+        # (after the commit) that one is waiting, so the delivery worker wakes at once.
+        self.webhook_event: WebhookEvent | None = None
+        self.on_webhook: Callable[[], None] | None = None
 
     async def create(
         self,
@@ -146,7 +150,9 @@ class Sessions:
         return await asyncio.shield(self._finish(session_id, outcome, release_claim))
 
     async def _finish(self, session_id: str, outcome: Outcome, release_claim: bool) -> bool:
-        finished = await self.store.finish(session_id, outcome, now=self.clock(), release_claim=release_claim)
+        finished = await self.store.finish(
+            session_id, outcome, now=self.clock(), release_claim=release_claim, webhook=self.webhook_event
+        )
         return self._finished(session_id, outcome, finished)
 
     async def progress_and_finish(
@@ -170,7 +176,13 @@ class Sessions:
     ) -> Progressed:
         data = {"stage": stage}
         progressed, finished = await self.store.progress_and_finish(
-            session_id, data, outcome, now=self.clock(), claim=claim, release_claim=release_claim
+            session_id,
+            data,
+            outcome,
+            now=self.clock(),
+            claim=claim,
+            release_claim=release_claim,
+            webhook=self.webhook_event,
         )
         if progressed.event_id is not None:
             self.broker.publish(session_id, _event(progressed.event_id, "progress", data))
@@ -185,6 +197,8 @@ class Sessions:
         self.broker.publish(session_id, _event(finished.event_id, "outcome", body))
         if self.on_outcome is not None:
             self.on_outcome(body["provider"], outcome.status, outcome.reason)
+        if self.webhook_event is not None and self.on_webhook is not None:
+            self.on_webhook()
         log.info(
             "session finished",
             extra={"session": public_ref(session_id), "status": outcome.status, "reason": outcome.reason},

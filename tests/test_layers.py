@@ -31,6 +31,8 @@ LAYERS: list[tuple[str, list[str]]] = [
             "gateway.providers",
             "gateway.providers.*",
             "gateway.providers.*.decode",
+            "gateway.webhooks",
+            "gateway.webhooks.signing",
         ],
     ),
     (
@@ -54,6 +56,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "gateway.starter",
             "gateway.providers.base",
             "gateway.providers.*.service",
+            "gateway.webhooks.delivery",
         ],
     ),
     ("routes", ["gateway.web", "gateway.web.*", "gateway.providers.*.routes"]),

@@ -11,7 +11,16 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gateway.outcome import Outcome
-from gateway.records import ClaimResult, PendingClaim, Session, StoredEvent, TokenClaim
+from gateway.records import (
+    ClaimResult,
+    OutboxEntry,
+    OutboxItem,
+    PendingClaim,
+    Session,
+    StoredEvent,
+    TokenClaim,
+    WebhookEvent,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,12 +81,19 @@ class Store(Protocol):
         """
 
     async def finish(
-        self, session_id: str, outcome: Outcome, *, now: float, release_claim: bool = False
+        self,
+        session_id: str,
+        outcome: Outcome,
+        *,
+        now: float,
+        release_claim: bool = False,
+        webhook: WebhookEvent | None = None,
     ) -> Finished | None:
         """Store the terminal outcome of a pending session; None if it was not pending.
 
         `release_claim` deletes the session's stored token in the same transaction, whether
-        or not this outcome wins.
+        or not this outcome wins. `webhook` makes the outbox event that is stored in the same
+        transaction as a winning outcome: never one without the other.
         """
 
     async def progress_and_finish(
@@ -89,6 +105,7 @@ class Store(Protocol):
         now: float,
         claim: TokenClaim | None = None,
         release_claim: bool = False,
+        webhook: WebhookEvent | None = None,
     ) -> tuple[Progressed, Finished | None]:
         """`progress` then `finish` in one durable transaction; neither if the claim is refused."""
 
@@ -108,3 +125,34 @@ class Store(Protocol):
 
     async def pending_claims(self) -> list[PendingClaim]:
         """Drop the stored tokens of finished sessions; return those of pending ones."""
+
+    # -- the webhook outbox --------------------------------------------------------------
+    async def outbox_due(self, now: float, limit: int) -> list[OutboxItem]:
+        """Pending webhooks whose next attempt is due, oldest first."""
+
+    async def outbox_next_due(self) -> float | None:
+        """When the next pending webhook is due."""
+
+    async def outbox_oldest_pending(self) -> float | None:
+        """When the oldest pending webhook was enqueued."""
+
+    async def outbox_record(
+        self,
+        webhook_id: str,
+        *,
+        status: str,
+        attempts: int,
+        next_attempt_at: float,
+        finished_at: float | None,
+        last_status: int | None,
+        last_error: str | None,
+    ) -> None:
+        """What an attempt did: still pending (retry at `next_attempt_at`), delivered or failed."""
+
+    async def outbox_list(self, *, failed_only: bool, limit: int) -> list[OutboxEntry]: ...
+
+    async def outbox_retry(self, webhook_id: str | None, *, now: float) -> int:
+        """Send a failed webhook (or every failed one, with None) again from now; how many."""
+
+    async def outbox_prune(self, *, cutoff: float, limit: int) -> int:
+        """Delete at most `limit` delivered or failed webhooks finished at or before `cutoff`."""

@@ -30,7 +30,17 @@ import aiosqlite
 
 from gateway.errors import StorageError
 from gateway.outcome import Outcome, scrub_outcome
-from gateway.records import TOKEN_MEMORY, ClaimResult, PendingClaim, Session, StoredEvent, TokenClaim
+from gateway.records import (
+    TOKEN_MEMORY,
+    ClaimResult,
+    OutboxEntry,
+    OutboxItem,
+    PendingClaim,
+    Session,
+    StoredEvent,
+    TokenClaim,
+    WebhookEvent,
+)
 from gateway.storage.base import Finished, Progressed
 
 log = logging.getLogger("gateway.storage")
@@ -508,9 +518,15 @@ class SqliteStore:
         return await self.db.write(self._progress_write(session_id, data, now, expires_at, claim))
 
     async def finish(
-        self, session_id: str, outcome: Outcome, *, now: float, release_claim: bool = False
+        self,
+        session_id: str,
+        outcome: Outcome,
+        *,
+        now: float,
+        release_claim: bool = False,
+        webhook: WebhookEvent | None = None,
     ) -> Finished | None:
-        return await self.db.write(self._finish_write(session_id, outcome, now, release_claim))
+        return await self.db.write(self._finish_write(session_id, outcome, now, release_claim, webhook))
 
     async def progress_and_finish(
         self,
@@ -521,9 +537,10 @@ class SqliteStore:
         now: float,
         claim: TokenClaim | None = None,
         release_claim: bool = False,
+        webhook: WebhookEvent | None = None,
     ) -> tuple[Progressed, Finished | None]:
         progress = self._progress_write(session_id, data, now, None, claim)
-        finish = self._finish_write(session_id, outcome, now, release_claim)
+        finish = self._finish_write(session_id, outcome, now, release_claim, webhook)
 
         def both(conn: sqlite3.Connection) -> tuple[Progressed, Finished | None]:
             progressed = progress(conn)
@@ -558,7 +575,7 @@ class SqliteStore:
         return insert
 
     def _finish_write(
-        self, session_id: str, outcome: Outcome, now: float, release_claim: bool
+        self, session_id: str, outcome: Outcome, now: float, release_claim: bool, webhook: WebhookEvent | None
     ) -> Callable[[sqlite3.Connection], Finished | None]:
         def update(conn: sqlite3.Connection) -> Finished | None:
             if release_claim:  # the fetch is over, whatever its outcome and whoever wins
@@ -582,6 +599,13 @@ class SqliteStore:
                 (session_id, encoded, now),
             )
             assert ins.lastrowid is not None
+            if webhook is not None:
+                msg_id, kind, payload = webhook(session_id, body, now)
+                conn.execute(
+                    "INSERT INTO webhook_outbox (id, session_id, type, payload, enqueued_at, next_attempt_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (msg_id, session_id, kind, payload, now, now),
+                )
             return Finished(ins.lastrowid, body)
 
         return update
@@ -676,3 +700,78 @@ class SqliteStore:
             "SELECT 1 FROM sessions WHERE id = ? AND status = 'pending'", (claim.session_id,)
         ).fetchone()
         return "repeat" if pending else "gone"
+
+    # -- the webhook outbox --------------------------------------------------------------
+    async def outbox_due(self, now: float, limit: int) -> list[OutboxItem]:
+        rows = await self.db.fetchall(
+            "SELECT id, session_id, type, payload, attempts, enqueued_at FROM webhook_outbox"
+            " WHERE status = 'pending' AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?",
+            (now, limit),
+        )
+        return [OutboxItem(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+
+    async def outbox_next_due(self) -> float | None:
+        row = await self.db.fetchone("SELECT MIN(next_attempt_at) FROM webhook_outbox WHERE status = 'pending'")
+        return None if row is None or row[0] is None else float(row[0])
+
+    async def outbox_oldest_pending(self) -> float | None:
+        row = await self.db.fetchone("SELECT MIN(enqueued_at) FROM webhook_outbox WHERE status = 'pending'")
+        return None if row is None or row[0] is None else float(row[0])
+
+    async def outbox_record(
+        self,
+        webhook_id: str,
+        *,
+        status: str,
+        attempts: int,
+        next_attempt_at: float,
+        finished_at: float | None,
+        last_status: int | None,
+        last_error: str | None,
+    ) -> None:
+        values = (status, attempts, next_attempt_at, finished_at, last_status, last_error, webhook_id)
+
+        def record(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE webhook_outbox SET status = ?, attempts = ?, next_attempt_at = ?, finished_at = ?,"
+                " last_status = ?, last_error = ? WHERE id = ? AND status = 'pending'",
+                values,
+            )
+
+        await self.db.write(record)
+
+    async def outbox_list(self, *, failed_only: bool, limit: int) -> list[OutboxEntry]:
+        rows = await self.db.fetchall(
+            "SELECT id, type, status, attempts, enqueued_at, next_attempt_at, finished_at, last_status, last_error"
+            " FROM webhook_outbox WHERE status = 'failed' OR NOT ? ORDER BY enqueued_at DESC LIMIT ?",
+            (failed_only, limit),
+        )
+        return [OutboxEntry(*tuple(r)) for r in rows]
+
+    async def outbox_retry(self, webhook_id: str | None, *, now: float) -> int:
+        def retry(conn: sqlite3.Connection) -> int:
+            sql = (
+                "UPDATE webhook_outbox SET status = 'pending', attempts = 0, enqueued_at = ?, next_attempt_at = ?,"
+                " finished_at = NULL WHERE status = 'failed'"
+            )
+            if webhook_id is None:
+                return conn.execute(sql, (now, now)).rowcount
+            return conn.execute(sql + " AND id = ?", (now, now, webhook_id)).rowcount
+
+        return await self.db.write(retry)
+
+    async def outbox_prune(self, *, cutoff: float, limit: int) -> int:
+        due = await self.db.fetchone(
+            "SELECT 1 FROM webhook_outbox WHERE status != 'pending' AND finished_at <= ? LIMIT 1", (cutoff,)
+        )
+        if due is None:  # the usual case: no write, no fsync
+            return 0
+
+        def prune(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                "DELETE FROM webhook_outbox WHERE id IN (SELECT id FROM webhook_outbox"
+                " WHERE status != 'pending' AND finished_at <= ? ORDER BY finished_at LIMIT ?)",
+                (cutoff, limit),
+            ).rowcount
+
+        return await self.db.write(prune)

@@ -25,6 +25,7 @@ from gateway.sessions import Sessions
 from gateway.starter import Starter
 from gateway.storage.base import Store
 from gateway.tasks import Background
+from gateway.webhooks.delivery import WebhookSender
 
 
 class Closable(Protocol):
@@ -44,6 +45,7 @@ class Gateway:
     memory: MemoryReleaser
     http: httpx.AsyncClient  # provider API calls
     trusted_proxies: tuple[IPNetwork, ...] = ()
+    webhooks: WebhookSender | None = None  # with [webhooks] url set
     providers: dict[str, Provider] = field(default_factory=dict)
     # Closed last, after background work has ended (e.g. the Truecaller profile client).
     closers: list[Closable] = field(default_factory=list)
@@ -65,6 +67,7 @@ class Gateway:
             ("expiry", self.sessions.run_expiry()),
             ("retention", self.retention.run()),
             ("memory", self.memory.run()),
+            *([("webhooks", self.webhooks.run())] if self.webhooks else []),
         ):
             self.periodic[name] = asyncio.create_task(loop, name=name)
 
@@ -75,6 +78,8 @@ class Gateway:
             periodic.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await periodic
+        if self.webhooks is not None:
+            await self.webhooks.drain(self.settings.server.shutdown_timeout)
         await self.http.aclose()
         for closer in self.closers:
             await closer.aclose()

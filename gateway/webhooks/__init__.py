@@ -1,0 +1,1 @@
+"""Signed outcome webhooks to the site's backend: the Standard Webhooks format and the delivery worker."""
