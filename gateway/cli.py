@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import dataclasses
 import gc
@@ -11,6 +12,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from types import FrameType
 
@@ -18,7 +20,8 @@ import uvicorn
 
 from gateway.config import Settings, load_settings
 from gateway.errors import ConfigError, GatewayError
-from gateway.storage.sqlite import apply_migrations
+from gateway.outcome import rfc3339
+from gateway.storage.sqlite import SqliteStore, apply_migrations
 
 log = logging.getLogger("gateway")
 
@@ -88,6 +91,17 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--sandbox", action="store_true", help="mount fake providers; no credentials needed")
     migrate = sub.add_parser("migrate", help="apply pending database migrations and exit")
     migrate.add_argument("--config", help="config file (default: $GATEWAY_CONFIG, then ./config.toml)")
+    hooks = sub.add_parser("webhooks", help="list or resend the outcome webhooks of the outbox")
+    hooks_sub = hooks.add_subparsers(dest="action", required=True)
+    listing = hooks_sub.add_parser("list", help="the newest webhooks, with their state (never their payload)")
+    listing.add_argument("--failed", action="store_true", help="only those that failed for good")
+    listing.add_argument("--limit", type=int, default=50, help="at most this many rows (default 50)")
+    retry = hooks_sub.add_parser("retry", help="send failed webhooks again, from now, with fresh attempts")
+    which = retry.add_mutually_exclusive_group(required=True)
+    which.add_argument("id", nargs="?", help="the webhook-id (msg_...) to send again")
+    which.add_argument("--all-failed", action="store_true", help="every failed webhook")
+    for command in (listing, retry):
+        command.add_argument("--config", help="config file (default: $GATEWAY_CONFIG, then ./config.toml)")
     return parser
 
 
@@ -99,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             applied = apply_migrations(settings.database.path, settings.database.busy_timeout)
             print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
             return 0
+        if args.command == "webhooks":
+            return asyncio.run(_webhooks(settings, args))
         settings = _apply_overrides(settings, args)
     except GatewayError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
@@ -125,6 +141,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # pragma: no cover - second Ctrl+C
         return 130
     return 0 if server.started else 1
+
+
+async def _webhooks(settings: Settings, args: argparse.Namespace) -> int:
+    """`gateway webhooks list|retry`: on the same database the gateway uses, safe while it runs."""
+    store = SqliteStore(settings.database.path, settings.database.busy_timeout)
+    await store.open()
+    try:
+        if args.action == "retry":
+            count = await store.outbox_retry(None if args.all_failed else args.id, now=time.time())
+            print(f"{count} webhook(s) will be sent again")
+            return 0 if count or args.all_failed else 1
+        if not 1 <= args.limit <= 100_000:
+            raise ConfigError(f"--limit: expected 1-100000, got {args.limit}")
+        rows = await store.outbox_list(failed_only=args.failed, limit=args.limit)
+    finally:
+        await store.close()
+    print("id\tstatus\tattempts\tenqueued_at\tnext_attempt_at\tfinished_at\tlast_status\tlast_error")
+    for r in rows:
+        finished = rfc3339(r.finished_at) if r.finished_at else "-"
+        print(
+            f"{r.id}\t{r.status}\t{r.attempts}\t{rfc3339(r.enqueued_at)}\t{rfc3339(r.next_attempt_at)}"
+            f"\t{finished}\t{r.last_status or '-'}\t{r.last_error or '-'}"
+        )
+    return 0
 
 
 def tune_gc() -> None:
