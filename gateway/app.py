@@ -127,7 +127,7 @@ def create_app(settings: Settings) -> Starlette:
             CORSMiddleware,
             allow_origins=list(settings.server.cors_allow_origins),
             allow_methods=["GET", "POST"],
-            allow_headers=["content-type", "last-event-id"],
+            allow_headers=["content-type", "last-event-id", "idempotency-key"],
             max_age=600,
         ),
     ]

@@ -113,3 +113,13 @@ class OutboxEntry:
     finished_at: float | None
     last_status: int | None
     last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Idempotency:
+    """An Idempotency-Key of a session start: stored with the session, answered again on a repeat."""
+
+    key_hash: str
+    body_hash: str
+    answer: dict[str, Any]  # the 201 body
+    expires_at: float

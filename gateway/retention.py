@@ -51,6 +51,7 @@ class Retention:
         # Delivered and failed webhooks hold the outcome too: gone after the same delay.
         while await self.store.outbox_prune(cutoff=self.clock() - self.retention, limit=self.batch) == self.batch:
             pass
+        await self.store.prune_idempotency(self.clock())  # a key lives as long as its session may be pending
         if total:
             log.info("purged personal data of finished sessions", extra={"sessions": total})
         return total

@@ -18,7 +18,7 @@ from typing import Any
 from gateway import sse
 from gateway.broker import Broker, Event
 from gateway.outcome import EXPIRED, PENDING, Outcome
-from gateway.records import Session, StoredEvent, TokenClaim, WebhookEvent
+from gateway.records import Idempotency, Session, StoredEvent, TokenClaim, WebhookEvent
 from gateway.storage.base import Finished, Progressed, Store
 
 log = logging.getLogger("gateway.sessions")
@@ -72,7 +72,9 @@ class Sessions:
         user_ref: str | None = None,
         provider_ref: str | None = None,
         provider_data: dict[str, Any] | None = None,
+        idempotency: Callable[[Session], Idempotency] | None = None,
     ) -> Session:
+        """Store a new pending session; `idempotency` makes the key record stored with it."""
         now = self.clock()
         session = Session(
             id=session_id,
@@ -89,7 +91,7 @@ class Sessions:
             expires_at=now + ttl,
             completed_at=None,
         )
-        await self.store.create(session)
+        await self.store.create(session, idempotency(session) if idempotency else None)
         if session.expires_at < self._next_expiry_pass:
             self.expiry_wakeup.set()
         return session

@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
 import re
+from typing import Any
 
 import phonenumbers
 
 from gateway.errors import BadRequest, Conflict
 from gateway.metrics import Metrics
 from gateway.providers.base import Client, Prepared, Provider
-from gateway.records import Session
+from gateway.records import Idempotency, Session
 from gateway.sessions import PROVIDERS, Sessions, new_session_id
 
 _E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
+# Idempotency-Key: what Stripe and the IETF draft allow, visible ASCII, at most 255 characters.
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+
+
+def created_answer(session: Session, prepared: Prepared) -> dict[str, Any]:
+    """The 201 body of `POST /v1/sessions`."""
+    answer: dict[str, Any] = session.snapshot()
+    del answer["outcome"], answer["updated_at"]
+    answer["stream_url"] = f"/v1/sessions/{session.id}/events"
+    answer["status_url"] = f"/v1/sessions/{session.id}"
+    answer[session.provider] = prepared.public
+    return answer
 
 
 def parse_phone(value: object) -> str | None:
@@ -45,10 +61,18 @@ class Starter:
         self.sessions = sessions
         self.metrics = metrics
         self.providers: dict[str, Provider] = {}
+        self._starting: dict[str, asyncio.Future[None]] = {}  # Idempotency-Keys being started here
 
     async def start(
-        self, provider_name: object, phone: object, user_ref: object, client: Client
+        self,
+        provider_name: object,
+        phone: object,
+        user_ref: object,
+        client: Client,
+        *,
+        remember: tuple[str, str] | None = None,
     ) -> tuple[Session, Prepared]:
+        """Start a session; `remember` = (key hash, body hash) stores its Idempotency-Key with it."""
         if provider_name not in PROVIDERS:
             raise BadRequest("invalid_provider", 'provider must be "truecaller" or "veriphone"')
         checked_phone = parse_phone(phone)
@@ -69,6 +93,46 @@ class Starter:
             user_ref=checked_user_ref,
             provider_ref=prepared.provider_ref,
             provider_data=prepared.data,
+            idempotency=None
+            if remember is None
+            else lambda s: Idempotency(remember[0], remember[1], created_answer(s, prepared), s.expires_at),
         )
         self.metrics.session_created(provider.name)
         return session, prepared
+
+    async def start_once(
+        self, key: str, provider_name: object, phone: object, user_ref: object, client: Client
+    ) -> tuple[dict[str, Any], bool]:
+        """Start a session under an Idempotency-Key: (the 201 body, whether it is a replay).
+
+        The same key with the same fields within the session's ttl answers the first body
+        again, with no provider call; with other fields it is a 409. Concurrent requests
+        with one key wait for the first one instead of calling the provider twice.
+        """
+        if not _IDEMPOTENCY_KEY.fullmatch(key):
+            raise BadRequest("invalid_idempotency_key", "Idempotency-Key must be 1 to 255 visible ASCII characters")
+        key_hash = hashlib.sha256(b"idempotency\x00" + key.encode()).hexdigest()
+        fields = json.dumps([provider_name, phone, user_ref], separators=(",", ":"), ensure_ascii=False)
+        body_hash = hashlib.sha256(fields.encode()).hexdigest()
+        while True:
+            stored = await self.sessions.store.idempotent(key_hash, self.sessions.clock())
+            if stored is not None:
+                if stored.body_hash != body_hash:
+                    raise Conflict(
+                        "idempotency_key_reused", "this Idempotency-Key was already used with another request body"
+                    )
+                return stored.answer, True
+            running = self._starting.get(key_hash)
+            if running is None:
+                break
+            await asyncio.wait((running,))  # the first request with this key decides; then look again
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._starting[key_hash] = done
+        try:
+            session, prepared = await self.start(
+                provider_name, phone, user_ref, client, remember=(key_hash, body_hash)
+            )
+        finally:
+            del self._starting[key_hash]
+            done.set_result(None)
+        return created_answer(session, prepared), False

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from gateway.outcome import Outcome
 from gateway.records import (
     ClaimResult,
+    Idempotency,
     OutboxEntry,
     OutboxItem,
     PendingClaim,
@@ -49,7 +50,14 @@ class Store(Protocol):
         """Raise StorageError unless the database answers a trivial read."""
 
     # -- sessions ------------------------------------------------------------------------
-    async def create(self, session: Session) -> None: ...
+    async def create(self, session: Session, idempotency: Idempotency | None = None) -> None:
+        """Insert a new session, and its Idempotency-Key in the same transaction."""
+
+    async def idempotent(self, key_hash: str, now: float) -> Idempotency | None:
+        """The unexpired start stored under this key, if any."""
+
+    async def prune_idempotency(self, now: float) -> int:
+        """Delete expired Idempotency-Keys; returns how many."""
 
     async def get(self, session_id: str) -> Session | None: ...
 

@@ -33,6 +33,7 @@ from gateway.outcome import Outcome, scrub_outcome
 from gateway.records import (
     TOKEN_MEMORY,
     ClaimResult,
+    Idempotency,
     OutboxEntry,
     OutboxItem,
     PendingClaim,
@@ -435,7 +436,7 @@ class SqliteStore:
         await self.db.fetchone("SELECT 1")
 
     # -- sessions ------------------------------------------------------------------------
-    async def create(self, session: Session) -> None:
+    async def create(self, session: Session, idempotency: Idempotency | None = None) -> None:
         row = (
             session.id,
             session.provider,
@@ -454,8 +455,42 @@ class SqliteStore:
                 " created_at, updated_at, expires_at) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?)",
                 row,
             )
+            if idempotency is not None:
+                # A key whose session's ttl has passed may be used again: its old row goes first.
+                conn.execute(
+                    "DELETE FROM idempotency_keys WHERE key_hash = ? AND expires_at <= ?",
+                    (idempotency.key_hash, session.created_at),
+                )
+                conn.execute(
+                    "INSERT INTO idempotency_keys (key_hash, body_hash, session_id, answer, expires_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (
+                        idempotency.key_hash,
+                        idempotency.body_hash,
+                        session.id,
+                        _dumps(idempotency.answer),
+                        idempotency.expires_at,
+                    ),
+                )
 
         await self.db.write(insert)
+
+    async def idempotent(self, key_hash: str, now: float) -> Idempotency | None:
+        rows = self.db.lookup(
+            "SELECT body_hash, answer, expires_at FROM idempotency_keys WHERE key_hash = ? AND expires_at > ?",
+            (key_hash, now),
+        )
+        return Idempotency(key_hash, rows[0][0], json.loads(rows[0][1]), rows[0][2]) if rows else None
+
+    async def prune_idempotency(self, now: float) -> int:
+        due = await self.db.fetchone("SELECT 1 FROM idempotency_keys WHERE expires_at <= ? LIMIT 1", (now,))
+        if due is None:
+            return 0
+
+        def prune(conn: sqlite3.Connection) -> int:
+            return conn.execute("DELETE FROM idempotency_keys WHERE expires_at <= ?", (now,)).rowcount
+
+        return await self.db.write(prune)
 
     async def get(self, session_id: str) -> Session | None:
         rows = self.db.lookup("SELECT * FROM sessions WHERE id = ?", (session_id,))

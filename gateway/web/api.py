@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -13,6 +12,7 @@ from starlette.routing import BaseRoute, Route
 from gateway.broker import CLOSED
 from gateway.errors import BadRequest, NotFound
 from gateway.records import Session
+from gateway.starter import created_answer
 from gateway.web.client import client_of
 from gateway.web.context import Gateway, gateway_of
 from gateway.web.jsonbody import read_json_object
@@ -26,13 +26,16 @@ async def create_session(request: Request) -> Response:
     gw = gateway_of(request)
     body = await read_json_object(request, fields=CREATE_FIELDS)
     client = client_of(request, gw.trusted_proxies)
-    session, prepared = await gw.starter.start(body.get("provider"), body.get("phone"), body.get("user_ref"), client)
-    answer: dict[str, Any] = session.snapshot()
-    del answer["outcome"], answer["updated_at"]
-    answer["stream_url"] = f"/v1/sessions/{session.id}/events"
-    answer["status_url"] = f"/v1/sessions/{session.id}"
-    answer[session.provider] = prepared.public
-    return JSONResponse(answer, status_code=201, headers={"cache-control": "no-store"})
+    fields = body.get("provider"), body.get("phone"), body.get("user_ref")
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        session, prepared = await gw.starter.start(*fields, client)
+        return JSONResponse(created_answer(session, prepared), status_code=201, headers={"cache-control": "no-store"})
+    answer, replayed = await gw.starter.start_once(key, *fields, client)
+    headers = {"cache-control": "no-store"}
+    if replayed:
+        headers["idempotent-replayed"] = "true"
+    return JSONResponse(answer, status_code=201, headers=headers)
 
 
 async def _load(gw: Gateway, request: Request) -> Session:
