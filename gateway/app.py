@@ -53,6 +53,7 @@ def build_gateway(settings: Settings) -> tuple[Gateway, list[BaseRoute]]:
     broker = Broker(settings.stream.buffer)
     sessions = Sessions(store, broker)
     sessions.on_outcome = metrics.outcome
+    sessions.on_reached = metrics.reached_provider
     background = Background()
     starter = Starter(sessions, metrics)
     http = httpx.AsyncClient(follow_redirects=False, trust_env=False)

@@ -100,7 +100,9 @@ def _parser() -> argparse.ArgumentParser:
     which = retry.add_mutually_exclusive_group(required=True)
     which.add_argument("id", nargs="?", help="the webhook-id (msg_...) to send again")
     which.add_argument("--all-failed", action="store_true", help="every failed webhook")
-    for command in (listing, retry):
+    stats = sub.add_parser("stats", help="conversion per provider from the database: started, reached, outcomes")
+    stats.add_argument("--since", default="24h", help="how far back, e.g. 90m, 24h, 7d (default 24h)")
+    for command in (listing, retry, stats):
         command.add_argument("--config", help="config file (default: $GATEWAY_CONFIG, then ./config.toml)")
     return parser
 
@@ -115,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "webhooks":
             return asyncio.run(_webhooks(settings, args))
+        if args.command == "stats":
+            return asyncio.run(_stats(settings, _duration("--since", args.since)))
         settings = _apply_overrides(settings, args)
     except GatewayError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
@@ -164,6 +168,47 @@ async def _webhooks(settings: Settings, args: argparse.Namespace) -> int:
             f"{r.id}\t{r.status}\t{r.attempts}\t{rfc3339(r.enqueued_at)}\t{rfc3339(r.next_attempt_at)}"
             f"\t{finished}\t{r.last_status or '-'}\t{r.last_error or '-'}"
         )
+    return 0
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+
+
+def _duration(flag: str, text: str) -> float:
+    """`90m`, `24h`, `7d` or plain seconds."""
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in _UNITS else (text, "s")
+    try:
+        seconds = float(number) * _UNITS[unit]
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise ConfigError(f"{flag}: expected a duration such as 90m, 24h or 7d, got {text!r}")
+    return seconds
+
+
+async def _stats(settings: Settings, since: float) -> int:
+    """`gateway stats`: how many sessions started, reached the provider, and ended how (no personal data)."""
+    store = SqliteStore(settings.database.path, settings.database.busy_timeout)
+    await store.open()
+    try:
+        rows = await store.conversion(time.time() - since)
+    finally:
+        await store.close()
+    totals: dict[str, dict[str, int]] = {}
+    for provider, status, _, count, reached in rows:
+        entry = totals.setdefault(provider, {"started": 0, "reached": 0})
+        entry["started"] += count
+        entry["reached"] += reached
+        entry[status] = entry.get(status, 0) + count
+    print(f"sessions created in the last {since / 3600:g} h")
+    columns = ("started", "reached", "pending", "verified", "rejected", "failed", "expired")
+    print("provider\t" + "\t".join(columns) + "\tconversion")
+    for provider, entry in totals.items():
+        share = f"{entry.get('verified', 0) / entry['started']:.1%}" if entry["started"] else "-"
+        print(provider + "\t" + "\t".join(str(entry.get(c, 0)) for c in columns) + "\t" + share)
+    print("\nprovider\tstatus\treason\tsessions\treached")
+    for provider, status, reason, count, reached in rows:
+        print(f"{provider}\t{status}\t{reason or '-'}\t{count}\t{reached}")
     return 0
 
 

@@ -27,6 +27,12 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.sessions_created = Counter("gateway_sessions_created", "Sessions created", ["provider"], registry=r)
+        self.reached = Counter(
+            "gateway_sessions_reached_provider",
+            "Sessions whose user reached the provider (Truecaller dialog shown, Veriph.One result pulled)",
+            ["provider"],
+            registry=r,
+        )
         self.outcomes = Counter("gateway_outcomes", "Terminal outcomes", ["provider", "status", "reason"], registry=r)
         self.open_streams = Gauge("gateway_open_streams", "SSE streams open now", registry=r)
         self.callback_seconds = Histogram(
@@ -60,6 +66,7 @@ class Metrics:
         # Known series start at zero, so rate() and absent() work before the first event.
         for provider in ("truecaller", "veriphone"):
             self.sessions_created.labels(provider)
+            self.reached.labels(provider)
             self.callback_seconds.labels(provider)
         for result in ("delivered", "retried", "failed"):
             self.webhook_deliveries.labels(result)
@@ -77,6 +84,9 @@ class Metrics:
 
     def session_created(self, provider: str) -> None:
         self._child(self.sessions_created, provider).inc()
+
+    def reached_provider(self, provider: str) -> None:
+        self._child(self.reached, provider).inc()
 
     def outcome(self, provider: str, status: str, reason: str | None) -> None:
         self._child(self.outcomes, provider, status, reason or "").inc()

@@ -60,6 +60,8 @@ class Sessions:
         # With webhooks on: makes the outbox event stored with each outcome, and is told
         # (after the commit) that one is waiting, so the delivery worker wakes at once.
         self.webhook_event: WebhookEvent | None = None
+        # Told the provider when a session's first progress event is stored: its user reached it.
+        self.on_reached: Callable[[str], None] | None = None
         self.on_webhook: Callable[[], None] | None = None
 
     async def create(
@@ -141,7 +143,12 @@ class Sessions:
         done = await self.store.progress(session_id, data, now=self.clock(), expires_at=expires_at, claim=claim)
         if done.event_id is not None:
             self.broker.publish(session_id, _event(done.event_id, "progress", data))
+            self._reached(done)
         return done
+
+    def _reached(self, done: Progressed) -> None:
+        if done.first and done.provider is not None and self.on_reached is not None:
+            self.on_reached(done.provider)
 
     async def finish(self, session_id: str, outcome: Outcome, *, release_claim: bool = False) -> bool:
         """Move a pending session to its terminal outcome; False if another writer got there first.
@@ -188,6 +195,7 @@ class Sessions:
         )
         if progressed.event_id is not None:
             self.broker.publish(session_id, _event(progressed.event_id, "progress", data))
+            self._reached(progressed)
             self._finished(session_id, outcome, finished)
         return progressed
 

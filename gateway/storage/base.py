@@ -26,10 +26,16 @@ from gateway.records import (
 
 @dataclass(frozen=True, slots=True)
 class Progressed:
-    """What `Store.progress` wrote: the event's id (None: nothing written) and the claim's result."""
+    """What `Store.progress` wrote: the event's id (None: nothing written) and the claim's result.
+
+    `first`: this is the session's first event, the moment its user reached the provider
+    (conversion numbers); `provider` is then the session's provider.
+    """
 
     event_id: int | None
     claim: ClaimResult | None = None
+    first: bool = False
+    provider: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +122,9 @@ class Store(Protocol):
         webhook: WebhookEvent | None = None,
     ) -> tuple[Progressed, Finished | None]:
         """`progress` then `finish` in one durable transaction; neither if the claim is refused."""
+
+    async def conversion(self, since: float) -> list[tuple[str, str, str | None, int, int]]:
+        """Sessions created since `since`: (provider, status, reason, how many, how many reached the provider)."""
 
     async def due_for_expiry(self, now: float, limit: int) -> list[str]:
         """Ids of pending sessions whose deadline has passed, earliest first."""

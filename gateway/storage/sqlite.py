@@ -594,18 +594,22 @@ class SqliteStore:
                 claimed = self._store_claim(conn, claim)
                 if claimed != "stored":
                     return Progressed(None, claimed)
-            cur = conn.execute(
-                "INSERT INTO session_events (session_id, kind, data, created_at)"
-                " SELECT id, 'progress', ?, ? FROM sessions WHERE id = ? AND status = 'pending'",
-                (encoded, now, session_id),
-            )
-            if cur.rowcount != 1:
+            row = conn.execute(
+                "SELECT provider, EXISTS (SELECT 1 FROM session_events e WHERE e.session_id = s.id)"
+                " FROM sessions s WHERE id = ? AND status = 'pending'",
+                (session_id,),
+            ).fetchone()
+            if row is None:
                 return Progressed(None, claimed)
+            cur = conn.execute(
+                "INSERT INTO session_events (session_id, kind, data, created_at) VALUES (?, 'progress', ?, ?)",
+                (session_id, encoded, now),
+            )
             conn.execute(
                 "UPDATE sessions SET updated_at = ?, expires_at = COALESCE(?, expires_at) WHERE id = ?",
                 (now, expires_at, session_id),
             )
-            return Progressed(cur.lastrowid, claimed)
+            return Progressed(cur.lastrowid, claimed, first=not row[1], provider=row[0])
 
         return insert
 
@@ -644,6 +648,16 @@ class SqliteStore:
             return Finished(ins.lastrowid, body)
 
         return update
+
+    async def conversion(self, since: float) -> list[tuple[str, str, str | None, int, int]]:
+        rows = await self.db.fetchall(
+            "SELECT s.provider, s.status, s.reason, COUNT(*),"
+            " SUM(EXISTS (SELECT 1 FROM session_events e WHERE e.session_id = s.id AND e.kind = 'progress'))"
+            " FROM sessions s WHERE s.created_at >= ? GROUP BY s.provider, s.status, s.reason"
+            " ORDER BY s.provider, s.status, s.reason",
+            (since,),
+        )
+        return [(r[0], r[1], r[2], int(r[3]), int(r[4] or 0)) for r in rows]
 
     async def due_for_expiry(self, now: float, limit: int) -> list[str]:
         rows = await self.db.fetchall(
