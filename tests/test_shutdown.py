@@ -29,14 +29,14 @@ CALLBACK = "/v1/callbacks/truecaller"
 
 @contextlib.asynccontextmanager
 async def gateway_process(
-    tmp_path: Path, config: dict[str, Any]
+    tmp_path: Path, config: dict[str, Any], extra_env: dict[str, str] | None = None, port: int | None = None
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
     """`python -m gateway serve` on a free port; killed if the test did not stop it."""
-    port = free_port()
+    port = port or free_port()
     config_path = tmp_path / "config.toml"
     config_path.write_text(to_toml({**config, "server": {**config.get("server", {}), "port": port}}))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    with (tmp_path / "gateway.log").open("wb") as log:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")} | (extra_env or {})
+    with (tmp_path / "gateway.log").open("ab") as log:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",

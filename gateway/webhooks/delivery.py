@@ -98,9 +98,12 @@ class WebhookSender:
     async def pass_once(self) -> int:
         """Start an attempt for every due row not already in flight (bounded by `concurrency`)."""
         started = 0
+        # Taken before the read: a row in flight then may finish while this pass waits for a
+        # slot, and must not be sent again from the now stale list.
+        busy = set(self._inflight)
         due = await self.store.outbox_due(self.clock(), self.cfg.concurrency * 8)
         for item in due:
-            if item.id in self._inflight:
+            if item.id in busy or item.id in self._inflight:
                 continue
             await self._slots.acquire()
             task = asyncio.create_task(self._send(item), name="webhook-delivery")
