@@ -196,6 +196,10 @@ async def test_demo_truecaller_flow_verifies(env: Env, context: tuple[BrowserCon
     await expect(page.locator("#outcome-status")).to_have_text("verified")
     await expect(page.locator("#outcome-phone")).to_have_text(TRUECALLER_PHONE)
     await expect(page.locator("#outcome-reason")).to_have_text("—")
+    # The sandbox's own site backend got the signed webhook; the page lists it with its check.
+    newest = page.locator("#webhooks-list li").first
+    await expect(newest).to_contain_text("session.completed: verified", timeout=STEP)
+    await expect(newest.locator(".sig-ok")).to_have_text("\u2713 signature verified")
     await screenshot(page, env, "demo-verified.png")
     if not dialog.is_closed():  # the demo closes the dialog once the outcome is in
         await dialog.wait_for_event("close")

@@ -8,6 +8,8 @@ then `apply_sandbox` points both providers at the gateway itself, and `create_ap
     /sandbox/truecaller/v1/default          the fake profile host (gateway/providers/truecaller/fake.py)
     /sandbox/veriphone/verify/{uuid}        a person plays the Veriph.One web flow (HTML)
     /sandbox/veriphone/sdk-api/…            the fake Veriph.One API (gateway/providers/veriphone/fake.py)
+    /sandbox/webhooks/receive               a fake site backend: receives and verifies the webhooks
+    /sandbox/webhooks                       what it received (JSON), listed on /demo
 
 Everything goes over real HTTP, exactly as in production: the dialog makes the gateway
 receive Truecaller's server callbacks, the gateway fetches the profile from the fake host and
@@ -21,10 +23,13 @@ from __future__ import annotations
 import dataclasses
 import html
 import ipaddress
+import json
 import logging
 import re
 import secrets
 import socket
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -33,11 +38,12 @@ from urllib.parse import parse_qs, quote, urlsplit
 import httpx
 import phonenumbers
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
 from gateway.config import Settings
 from gateway.errors import ConfigError
+from gateway.outcome import rfc3339
 from gateway.providers.truecaller.fake import PROFILE_PATH, create_fake_truecaller, post_callback, post_status
 from gateway.providers.truecaller.routes import CALLBACK_PATH as TRUECALLER_CALLBACK_PATH
 from gateway.providers.veriphone.fake import DEFAULT_PHONE as DEFAULT_VERIPHONE_PHONE
@@ -46,12 +52,16 @@ from gateway.providers.veriphone.routes import RESULT_PATH as VERIPHONE_RESULT_P
 from gateway.sandbox.pages import Field, html_page
 from gateway.web.context import Gateway
 from gateway.web.demo import DEMO_PATH
+from gateway.webhooks.signing import new_secret, parse_secret, verify
 
 log = logging.getLogger("gateway.sandbox")
 
 TRUECALLER_MOUNT = "/sandbox/truecaller"
 VERIPHONE_MOUNT = "/sandbox/veriphone"
 DIALOG_PATH = TRUECALLER_MOUNT + "/dialog"
+WEBHOOKS_LIST = "/sandbox/webhooks"
+WEBHOOKS_RECEIVE = WEBHOOKS_LIST + "/receive"
+MAX_DELIVERIES = 50
 VERIFY_PATH = VERIPHONE_MOUNT + "/verify/{session_uuid}"  # the fake's redirectionUrl lands here
 
 # What the person is shown prefilled: realistic, valid numbers (phonenumbers agrees).
@@ -151,13 +161,22 @@ def apply_sandbox(settings: Settings, address: tuple[str, int] | None = None) ->
     )
     providers = dataclasses.replace(settings.providers, truecaller=truecaller, veriphone=veriphone)
     server = dataclasses.replace(settings.server, port=port, demo=True)
+    webhooks = settings.webhooks
+    if not webhooks.url:
+        # The sandbox is its own site backend: the demo page shows each webhook it received.
+        # The secret is made per process and never written anywhere.
+        webhooks = dataclasses.replace(
+            webhooks, url=base + WEBHOOKS_RECEIVE, secrets=webhooks.secrets or (new_secret(),)
+        )
     log.warning(
         "SANDBOX MODE: fake Truecaller and Veriph.One run inside this gateway, nothing is really verified;"
         " never use this in production. Try it: %s%s",
         base,
         DEMO_PATH,
     )
-    return dataclasses.replace(settings, server=server, providers=providers, sandbox=True)
+    if webhooks is not settings.webhooks:
+        log.warning("SANDBOX MODE: outcome webhooks go to this gateway's own fake receiver, listed on %s", DEMO_PATH)
+    return dataclasses.replace(settings, server=server, providers=providers, webhooks=webhooks, sandbox=True)
 
 
 def sandbox_base(settings: Settings) -> str:
@@ -245,6 +264,9 @@ class Sandbox:
         # The provider's documented oddities, on by default so the gateway always meets them.
         self.veriphone.numbers_as_strings = True
         self.veriphone.result_http_status = 201
+        # The fake site backend: the keys it verifies with, and the newest deliveries first.
+        self.webhook_keys = [parse_secret(secret) for secret in gw.settings.webhooks.secrets]
+        self.deliveries: deque[dict[str, Any]] = deque(maxlen=MAX_DELIVERIES)
 
     def routes(self) -> list[BaseRoute]:
         # The pages come before the mounts, which would otherwise swallow their paths.
@@ -253,6 +275,8 @@ class Sandbox:
             Route(DIALOG_PATH, self.dialog_action, methods=["POST"]),
             Route(VERIFY_PATH, self.verify_page, methods=["GET"]),
             Route(VERIFY_PATH, self.verify_action, methods=["POST"]),
+            Route(WEBHOOKS_RECEIVE, self.receive_webhook, methods=["POST"]),
+            Route(WEBHOOKS_LIST, self.list_webhooks, methods=["GET"]),
             Mount(TRUECALLER_MOUNT, app=self.truecaller_app),
             Mount(VERIPHONE_MOUNT, app=self.veriphone_app),
         ]
@@ -265,6 +289,31 @@ class Sandbox:
         _trim(self.veriphone.result_calls)
 
     # --- Truecaller ------------------------------------------------------------------------
+
+    async def receive_webhook(self, request: Request) -> Response:
+        """The fake site backend: verify the Standard Webhooks signature as a receiver must, keep a summary."""
+        body = await request.body()
+        verified = verify(self.webhook_keys, dict(request.headers), body, time.time())
+        try:
+            event = json.loads(body) if verified else {}
+        except ValueError:
+            event = {}
+        data = event.get("data") if isinstance(event, dict) else None
+        data = data if isinstance(data, dict) else {}
+        self.deliveries.appendleft(
+            {
+                "id": request.headers.get("webhook-id", "")[:64],
+                "type": str(event.get("type", ""))[:40] if isinstance(event, dict) else "",
+                "status": data.get("status"),
+                "reason": data.get("reason"),
+                "signature_verified": verified,
+                "received_at": rfc3339(time.time()),
+            }
+        )
+        return Response(status_code=204 if verified else 401)
+
+    async def list_webhooks(self, request: Request) -> Response:
+        return JSONResponse({"deliveries": list(self.deliveries)}, headers={"cache-control": "no-store"})
 
     async def dialog(self, request: Request) -> Response:
         """The Truecaller app's bottom sheet; opening it sends `flow_invoked`, as the real app does."""
