@@ -133,6 +133,12 @@ async def test_500_twice_then_200_delivers_three_times_with_one_id_then_never_ag
         await until(lambda: rows(db)[0]["status"] == "delivered")
         assert running.gateway.webhooks is not None
         assert await running.gateway.webhooks.pass_once() == 0  # nothing due any more
+        async with running.client() as client:
+            metrics = (await client.get("/metrics")).text
+        assert 'gateway_webhook_deliveries_total{result="retried"} 2.0' in metrics
+        assert 'gateway_webhook_deliveries_total{result="delivered"} 1.0' in metrics
+        assert "gateway_webhook_attempts_total 3.0" in metrics
+        assert "gateway_webhook_oldest_pending_seconds" in metrics
     assert len(set(receiver.ids())) == 1 and len(receiver.received) == 3
     [row] = rows(db)
     assert row["attempts"] == 3 and row["last_status"] == 200 and row["payload"] is not None
@@ -167,6 +173,8 @@ async def test_a_receiver_that_hangs_is_cut_at_the_timeout_and_retried(tmp_path:
         await finished(running)
         await receiver.until(2)  # the first attempt never got an answer
         cut = receiver.received[1][2] - receiver.received[0][2]
+        async with running.client() as client:  # a failing receiver is not the gateway's health
+            assert (await client.get("/readyz")).status_code == 200
         receiver.hold.set()
         await until(lambda: rows(db)[0]["status"] == "delivered")
     assert 0.5 <= cut < 3
