@@ -6,6 +6,7 @@ python -m bench --markdown                       # print the table as Markdown (
 python -m bench --report bench/results/latest.json --markdown   # re-render, no run
 python -m bench --profile --memory-profile       # also py-spy and tracemalloc breakdowns
 python -m bench --profile-client-ab --markdown   # only: lean profile client vs httpx (~2 min)
+python -m bench --webhooks-ab --markdown         # only: webhooks off vs on, a slow receiver (~2 min)
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-PHASES = ("streams", "throughput", "polling", "profile-client-ab")
+PHASES = ("streams", "throughput", "polling", "profile-client-ab", "webhooks-ab")
 
 
 def _phases(text: str) -> tuple[str, ...]:
@@ -71,7 +72,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--phases",
         default="streams,throughput,polling",
-        help="which phases to run, comma-separated (default streams,throughput,polling; also: profile-client-ab)",
+        help="which phases to run, comma-separated (default streams,throughput,polling;"
+        " also: profile-client-ab, webhooks-ab)",
     )
     p.add_argument(
         "--switch-interval",
@@ -83,6 +85,11 @@ def parser() -> argparse.ArgumentParser:
         "--profile-client-ab",
         action="store_true",
         help="run only the A/B of the profile fetch client, lean HTTP/1.1 vs httpx (= --phases profile-client-ab)",
+    )
+    p.add_argument(
+        "--webhooks-ab",
+        action="store_true",
+        help="run only the A/B of webhooks off vs on, to a slow receiver (= --phases webhooks-ab)",
     )
     p.add_argument(
         "--ab-rounds",
@@ -123,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
             out=args.out,
             profile=args.profile,
             memory_profile=args.memory_profile,
-            phases=("profile-client-ab",) if args.profile_client_ab else _phases(args.phases),
+            phases=("profile-client-ab",)
+            if args.profile_client_ab
+            else ("webhooks-ab",)
+            if args.webhooks_ab
+            else _phases(args.phases),
             switch_interval=args.switch_interval,
             ab_rounds=max(1, args.ab_rounds),
             quiet=args.quiet,

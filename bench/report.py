@@ -312,6 +312,56 @@ def rows(results: dict[str, Any]) -> list[Row]:
     ab = results.get("profile_client_ab")
     if ab:
         out += ab_rows(ab)
+    wh = results.get("webhooks_ab")
+    if wh:
+        out += webhooks_rows(wh)
+    return out
+
+
+def webhooks_rows(wh: dict[str, Any]) -> list[Row]:
+    """Webhooks off against on: every leg, each mode over its legs, on : off, and the drain."""
+    out: list[Row] = []
+    for leg in wh["legs"]:
+        flow, lat = leg["throughput"], leg["delivery"]["latency"]
+        drained = leg.get("webhooks")
+        extra = (
+            f"; webhooks {drained['distinct']} of {drained['outcomes']} outcomes, drained "
+            f"{_num(drained['drain_after_window_s'], 1)} s after the window"
+            if drained
+            else ""
+        )
+        out.append(
+            (
+                f"[webhooks leg {leg['leg']}: {leg['mode']}] Verifications/s; delivery p50/p99 "
+                f"({lat['samples']} paced samples)",
+                f"{_num(flow['verifications_per_s'], 0)}/s (errors {flow['errors']}); "
+                f"{_dist(lat['e2e_ms'], ('p50', 'p99'))} ms{extra}",
+                "",
+                "",
+            )
+        )
+    for name, m in wh["modes"].items():
+        out.append(
+            (
+                f"[webhooks] {name} over its {m['legs']} legs: verifications/s (mean); delivery p50/p99 "
+                f"(all {m['delivery_ms']['n']} paced samples)",
+                f"{_num(m['verifications_per_s'], 0)}/s "
+                f"({', '.join(_num(v, 0) for v in m['verifications_per_s_legs'])}); "
+                f"{_dist(m['delivery_ms'], ('p50', 'p99'))} ms",
+                "",
+                "",
+            )
+        )
+    r = wh["ratio_on_to_off"]
+    out.append(
+        (
+            "[webhooks] on : off, verifications/s; delivery p50; delivery p99 "
+            f"(receiver {_num(wh['receiver_delay_ms'], 0)} ms)",
+            f"{r['verifications_per_s']:.3f}; {r['delivery_p50']:.3f}; {r['delivery_p99']:.3f}",
+            "every webhook delivered",
+            "met" if wh["all_delivered"] else "MISSED",
+        )
+    )
     return out
 
 

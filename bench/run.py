@@ -50,6 +50,10 @@ HOST = "127.0.0.1"
 AB_CLIENTS = ("lean", "httpx")
 AB_MARGIN = 0.15
 AB_WARMUP = 8  # verifications on every A/B gateway before the delivery measurement
+# The webhooks A/B (`python -m bench --webhooks-ab`): a slow receiver, so the outbox backs up.
+WEBHOOK_MODES = ("off", "on")
+WEBHOOK_RECEIVER_DELAY_MS = 20.0
+WEBHOOK_DRAIN_TIMEOUT = 120.0
 AB_RULE = (
     "httpx is within 15% when its verifications/s are at least 85% of the lean client's and its "
     "paced delivery p50 at most 115% of the lean client's (each client over all of its legs)"
@@ -258,7 +262,13 @@ class Bench:
         return f"http://{HOST}:{self.fake.port}/v1/default"
 
     def start_gateway(
-        self, name: str, *, db: Path | None = None, traced: Path | None = None, profile_client: str | None = None
+        self,
+        name: str,
+        *,
+        db: Path | None = None,
+        traced: Path | None = None,
+        profile_client: str | None = None,
+        webhooks: str | None = None,
     ) -> Service:
         assert self.fake is not None
         work = self.tmp / name
@@ -266,7 +276,10 @@ class Bench:
         db = db or work / "gateway.db"
         port = procs.free_port()
         config = work / "config.toml"
-        config.write_text(gateway_config(db, port, self.fake.port, self.opts))
+        text = gateway_config(db, port, self.fake.port, self.opts)
+        if webhooks is not None:
+            text += f'\n[webhooks]\nurl = "{webhooks}"\nconcurrency = 8\nmax_attempts = 100\n'
+        config.write_text(text)
         runner: list[str] = []
         if traced is not None:
             runner += ["--tracemalloc", str(traced)]
@@ -280,6 +293,10 @@ class Bench:
         else:
             argv = procs.python_argv("-m", "gateway", "serve", "--config", str(config))
             env = None
+        if webhooks is not None:
+            from gateway.webhooks.signing import new_secret
+
+            env = {**(env or os.environ), "GATEWAY_WEBHOOK_SECRET": new_secret()}
         svc = Service(f"gateway[{name}]", argv, port, work / "gateway.log")
         self.databases[svc.name] = db
         svc.start(work, env)
@@ -733,18 +750,8 @@ class Bench:
             log(opts, f"profile client A/B, leg {k} of {len(order)}: {client}")
             stats0 = json.loads(procs.http_get(self.fake.port, "/bench/stats")[1])
             svc = self.start_gateway(f"ab-{k}-{client}", profile_client=client)
-            pool.all("target", host=HOST, port=svc.port)
-            opened = sample + AB_WARMUP
-            self.create_sample(opened, opened)
-            self.open_sample(opened, opened)
-            # Unmeasured: a process's first profile fetch imports and connects.
-            warmup = {"op": "probe", "tag": "sample", "endpoint": self.endpoint, "gap": 0.0, "concurrency": 1}
-            warm = pool.call({0: {**warmup, "limit": AB_WARMUP}})[0]
-            if warm["errors"] or len(warm["rows"]) != AB_WARMUP:
-                raise BenchError(f"A/B leg {k} ({client}): warm-up failed: {warm['first_error']}")
-            delivery: dict[str, Any] = {}
-            paced[client] += self.delivery(svc, sample, sample, delivery, floor=False)
-            flow = self.verifications(svc, f"ab-{k}-{client}")
+            delivery, e2e, flow = self._ab_leg(svc, f"ab-{k}-{client}", sample)
+            paced[client] += e2e
             self.stop_gateway(svc, f"ab-{k}-{client}")
             stats1 = json.loads(procs.http_get(self.fake.port, "/bench/stats")[1])
             served = stats1["served"] - stats0["served"]
@@ -779,6 +786,97 @@ class Bench:
             "rule": AB_RULE,
             "httpx_within_15pct": ratio["verifications_per_s"] >= 1 - AB_MARGIN
             and ratio["delivery_p50"] <= 1 + AB_MARGIN,
+        }
+
+    def _ab_leg(self, svc: Service, label: str, sample: int) -> tuple[dict[str, Any], list[float], dict[str, Any]]:
+        """One A/B leg on a fresh gateway: warm-up, paced delivery, then throughput."""
+        pool = self.pool
+        assert pool is not None
+        pool.all("target", host=HOST, port=svc.port)
+        opened = sample + AB_WARMUP
+        self.create_sample(opened, opened)
+        self.open_sample(opened, opened)
+        # Unmeasured: a process's first profile fetch imports and connects.
+        warmup = {"op": "probe", "tag": "sample", "endpoint": self.endpoint, "gap": 0.0, "concurrency": 1}
+        warm = pool.call({0: {**warmup, "limit": AB_WARMUP}})[0]
+        if warm["errors"] or len(warm["rows"]) != AB_WARMUP:
+            raise BenchError(f"A/B leg {label}: warm-up failed: {warm['first_error']}")
+        delivery: dict[str, Any] = {}
+        e2e = self.delivery(svc, sample, sample, delivery, floor=False)
+        return delivery, e2e, self.verifications(svc, label)
+
+    def webhooks_ab_phase(self) -> dict[str, Any]:
+        """Webhooks off against on (a slow receiver), alternating in fresh gateways, same legs as above.
+
+        On an "on" leg, after the throughput window, the outbox is waited for until every
+        outcome's webhook reached the receiver: the backlog a burst leaves and how long it takes.
+        """
+        opts = self.opts
+        port = procs.free_port()
+        receiver = Service(
+            "webhook-receiver",
+            procs.python_argv(
+                "-m", "bench.webhook_receiver", "--port", str(port), "--delay-ms", str(WEBHOOK_RECEIVER_DELAY_MS)
+            ),
+            port,
+            self.tmp / "receiver.log",
+        )
+        receiver.start(self.tmp, _env_with_repo())
+        self.stack.callback(receiver.stop)
+        receiver.wait_ready()
+        order = [m for r in range(opts.ab_rounds) for m in (WEBHOOK_MODES if r % 2 == 0 else WEBHOOK_MODES[::-1])]
+        sample = max(opts.sample, 4)
+        legs: list[dict[str, Any]] = []
+        paced: dict[str, list[float]] = {m: [] for m in WEBHOOK_MODES}
+        for k, mode in enumerate(order, 1):
+            log(opts, f"webhooks A/B, leg {k} of {len(order)}: {mode}")
+            label = f"wh-{k}-{mode}"
+            before = json.loads(procs.http_get(port, "/stats")[1])
+            url = f"http://{HOST}:{port}/hook" if mode == "on" else None
+            svc = self.start_gateway(label, webhooks=url)
+            delivery, e2e, flow = self._ab_leg(svc, label, sample)
+            paced[mode] += e2e
+            leg: dict[str, Any] = {"leg": k, "mode": mode, "delivery": delivery, "throughput": flow}
+            if mode == "on":
+                leg["webhooks"] = self._drain(svc, port, before)
+            self.stop_gateway(svc, label)
+            legs.append(leg)
+        modes = {m: _ab_client([leg for leg in legs if leg["mode"] == m], paced[m]) for m in WEBHOOK_MODES}
+        off, on = modes["off"], modes["on"]
+        return {
+            "rounds": opts.ab_rounds,
+            "order": order,
+            "sample": sample,
+            "receiver_delay_ms": WEBHOOK_RECEIVER_DELAY_MS,
+            "legs": legs,
+            "modes": modes,
+            "ratio_on_to_off": {
+                "verifications_per_s": on["verifications_per_s"] / off["verifications_per_s"],
+                "delivery_p50": on["delivery_ms"]["p50"] / off["delivery_ms"]["p50"],
+                "delivery_p99": on["delivery_ms"]["p99"] / off["delivery_ms"]["p99"],
+            },
+            "all_delivered": all(leg["webhooks"]["all_delivered"] for leg in legs if leg["mode"] == "on"),
+        }
+
+    def _drain(self, svc: Service, receiver_port: int, before: dict[str, int]) -> dict[str, Any]:
+        """Wait until the receiver got one webhook per outcome of this gateway; how long, how many."""
+        _, body = procs.http_get(svc.port, "/metrics")
+        lines = body.decode().splitlines()
+        outcomes = sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("gateway_outcomes_total{"))
+        started = time.monotonic()
+        got: dict[str, int] = before
+        while time.monotonic() - started < WEBHOOK_DRAIN_TIMEOUT:
+            got = json.loads(procs.http_get(receiver_port, "/stats")[1])
+            if got["distinct"] - before["distinct"] >= outcomes:
+                break
+            time.sleep(0.1)
+        distinct = got["distinct"] - before["distinct"]
+        return {
+            "outcomes": int(outcomes),
+            "received": got["received"] - before["received"],
+            "distinct": distinct,
+            "drain_after_window_s": time.monotonic() - started,
+            "all_delivered": distinct >= outcomes,
         }
 
     def _cpu_during(self, pid: int, start: float, duration: float) -> dict[str, float]:
@@ -847,7 +945,7 @@ class Bench:
         started = time.time()
         t0 = time.monotonic()
         load_at_start = os.getloadavg()
-        only_ab = set(opts.phases) == {"profile-client-ab"}
+        only_ab = set(opts.phases) <= {"profile-client-ab", "webhooks-ab"}
         largest = max(opts.streams) if opts.streams and not only_ab else 0
         size = max(2, math.ceil(largest / opts.max_per_process))
         log(opts, f"starting the fake profile host and {size} load-generator processes")
@@ -871,6 +969,8 @@ class Bench:
             restart = self.restart_phase(svc)
         if "profile-client-ab" in opts.phases:
             results["profile_client_ab"] = self.profile_client_ab_phase()
+        if "webhooks-ab" in opts.phases:
+            results["webhooks_ab"] = self.webhooks_ab_phase()
         if not only_ab:
             results["startup"] = {
                 "fresh_ready_s": self.startups,

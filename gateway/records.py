@@ -123,3 +123,16 @@ class Idempotency:
     body_hash: str
     answer: dict[str, Any]  # the 201 body
     expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxResult:
+    """What one delivery attempt did to its row: still pending (retry at `next_attempt_at`), delivered or failed."""
+
+    id: str
+    status: str
+    attempts: int
+    next_attempt_at: float
+    finished_at: float | None
+    last_status: int | None
+    last_error: str | None

@@ -294,6 +294,7 @@ async def test_kill_9_between_the_outcome_and_its_delivery_loses_nothing(tmp_pat
 
 async def test_retention_deletes_finished_webhooks_and_keeps_pending_ones(tmp_path: Path) -> None:
     from gateway.broker import Broker
+    from gateway.records import OutboxResult
     from gateway.retention import Retention
     from gateway.sessions import Sessions
     from gateway.storage.sqlite import SqliteStore
@@ -310,15 +311,7 @@ async def test_retention_deletes_finished_webhooks_and_keeps_pending_ones(tmp_pa
             await sessions.create(session_id=sid, provider="truecaller", ttl=60, phone=PHONE)
             await sessions.finish(sid, Outcome("verified", phone=PHONE))
         [first, _] = await store.outbox_due(now[0], 10)
-        await store.outbox_record(
-            first.id,
-            status="delivered",
-            attempts=1,
-            next_attempt_at=now[0],
-            finished_at=now[0],
-            last_status=200,
-            last_error=None,
-        )
+        await store.outbox_record([OutboxResult(first.id, "delivered", 1, now[0], now[0], 200, None)])
         retention = Retention(store, 100, clock=lambda: now[0])
         now[0] += 50
         await retention.purge_once()

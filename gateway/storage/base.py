@@ -16,6 +16,7 @@ from gateway.records import (
     Idempotency,
     OutboxEntry,
     OutboxItem,
+    OutboxResult,
     PendingClaim,
     Session,
     StoredEvent,
@@ -153,18 +154,8 @@ class Store(Protocol):
     async def outbox_oldest_pending(self) -> float | None:
         """When the oldest pending webhook was enqueued."""
 
-    async def outbox_record(
-        self,
-        webhook_id: str,
-        *,
-        status: str,
-        attempts: int,
-        next_attempt_at: float,
-        finished_at: float | None,
-        last_status: int | None,
-        last_error: str | None,
-    ) -> None:
-        """What an attempt did: still pending (retry at `next_attempt_at`), delivered or failed."""
+    async def outbox_record(self, results: list[OutboxResult]) -> None:
+        """What attempts did, in one transaction (rows no longer pending are left alone)."""
 
     async def outbox_list(self, *, failed_only: bool, limit: int) -> list[OutboxEntry]: ...
 

@@ -36,6 +36,7 @@ from gateway.records import (
     Idempotency,
     OutboxEntry,
     OutboxItem,
+    OutboxResult,
     PendingClaim,
     Session,
     StoredEvent,
@@ -752,7 +753,9 @@ class SqliteStore:
 
     # -- the webhook outbox --------------------------------------------------------------
     async def outbox_due(self, now: float, limit: int) -> list[OutboxItem]:
-        rows = await self.db.fetchall(
+        # Indexed and bounded: a point read on the loop, no hop to the reader thread (the
+        # worker runs beside the hot path and a thread hand-off costs it GIL switches).
+        rows = self.db.lookup(
             "SELECT id, session_id, type, payload, attempts, enqueued_at FROM webhook_outbox"
             " WHERE status = 'pending' AND next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?",
             (now, limit),
@@ -760,28 +763,20 @@ class SqliteStore:
         return [OutboxItem(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
 
     async def outbox_next_due(self) -> float | None:
-        row = await self.db.fetchone("SELECT MIN(next_attempt_at) FROM webhook_outbox WHERE status = 'pending'")
-        return None if row is None or row[0] is None else float(row[0])
+        rows = self.db.lookup("SELECT MIN(next_attempt_at) FROM webhook_outbox WHERE status = 'pending'")
+        return None if not rows or rows[0][0] is None else float(rows[0][0])
 
     async def outbox_oldest_pending(self) -> float | None:
-        row = await self.db.fetchone("SELECT MIN(enqueued_at) FROM webhook_outbox WHERE status = 'pending'")
-        return None if row is None or row[0] is None else float(row[0])
+        rows = self.db.lookup("SELECT MIN(enqueued_at) FROM webhook_outbox WHERE status = 'pending'")
+        return None if not rows or rows[0][0] is None else float(rows[0][0])
 
-    async def outbox_record(
-        self,
-        webhook_id: str,
-        *,
-        status: str,
-        attempts: int,
-        next_attempt_at: float,
-        finished_at: float | None,
-        last_status: int | None,
-        last_error: str | None,
-    ) -> None:
-        values = (status, attempts, next_attempt_at, finished_at, last_status, last_error, webhook_id)
+    async def outbox_record(self, results: list[OutboxResult]) -> None:
+        values = [
+            (r.status, r.attempts, r.next_attempt_at, r.finished_at, r.last_status, r.last_error, r.id) for r in results
+        ]
 
         def record(conn: sqlite3.Connection) -> None:
-            conn.execute(
+            conn.executemany(
                 "UPDATE webhook_outbox SET status = ?, attempts = ?, next_attempt_at = ?, finished_at = ?,"
                 " last_status = ?, last_error = ? WHERE id = ? AND status = 'pending'",
                 values,

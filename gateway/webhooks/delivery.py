@@ -23,7 +23,7 @@ import httpx
 
 from gateway.config import WebhooksConfig
 from gateway.metrics import Metrics
-from gateway.records import OutboxItem
+from gateway.records import OutboxItem, OutboxResult
 from gateway.sessions import public_ref
 from gateway.storage.base import Store
 from gateway.webhooks.signing import headers, parse_secret
@@ -32,6 +32,11 @@ log = logging.getLogger("gateway.webhooks")
 
 MAX_DELAY = 3600.0
 IDLE_POLL = 5.0  # rows retried by the operator's CLI in another process are seen this soon
+# A new outcome wakes the worker this much later: the callback's answer and the stream's
+# outcome frame go out first, and a burst of outcomes is picked up by one pass.
+WAKE_DELAY = 0.005
+# Attempt results are written together, at most this often: one commit for many deliveries.
+RECORD_DELAY = 0.02
 
 
 def retry_after(value: str | None, now: float) -> float | None:
@@ -72,9 +77,18 @@ class WebhookSender:
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(cfg.concurrency)
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._wake_pending = False
+        self._results: list[OutboxResult] = []
+        self._written: asyncio.Future[None] | None = None  # resolves when `_results` are committed
 
     def wake(self) -> None:
-        """An outcome with a webhook was committed: look at the outbox now."""
+        """An outcome with a webhook was committed: look at the outbox very soon."""
+        if not self._wake_pending:
+            self._wake_pending = True
+            asyncio.get_running_loop().call_later(WAKE_DELAY, self._woken)
+
+    def _woken(self) -> None:
+        self._wake_pending = False
         self._wakeup.set()
 
     async def run(self) -> None:
@@ -114,8 +128,31 @@ class WebhookSender:
 
     def _done(self, key: str, task: asyncio.Task[None]) -> None:
         self._inflight.pop(key, None)
-        self._slots.release()
-        self._wakeup.set()
+        self.wake()
+
+    async def _write(self, result: OutboxResult) -> None:
+        self._results.append(result)
+        if self._written is None:
+            self._written = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_later(RECORD_DELAY, self._flush)
+        await asyncio.shield(self._written)
+
+    def _flush(self) -> None:
+        results, self._results = self._results, []
+        written, self._written = self._written, None
+        assert written is not None
+        task = asyncio.ensure_future(self.store.outbox_record(results))
+
+        def settle(done: asyncio.Future[None]) -> None:
+            if done.cancelled():
+                written.cancel()
+            elif done.exception() is not None:
+                log.error("recording webhook attempts failed; they will be sent again", exc_info=done.exception())
+                written.set_result(None)
+            else:
+                written.set_result(None)
+
+        task.add_done_callback(settle)
 
     async def drain(self, timeout: float) -> None:
         """On shutdown: let attempts in flight end (a cut one stays pending and is sent after restart)."""
@@ -147,6 +184,9 @@ class WebhookSender:
             error = "timeout"
         except httpx.HTTPError:
             error = "connect"
+        finally:
+            # The request is over: its slot goes to the next row while the result is written.
+            self._slots.release()
         self.metrics.webhook_attempts.inc()
         await self._record(item, attempts, status, error, wait)
 
@@ -162,15 +202,8 @@ class WebhookSender:
         else:
             delay = max(backoff(self.cfg.backoff, attempts), min(wait or 0.0, self.cfg.max_age))
             result, next_at, finished = "pending", now + delay, None
-        await self.store.outbox_record(
-            item.id,
-            status=result,
-            attempts=attempts,
-            next_attempt_at=next_at,
-            finished_at=finished,
-            last_status=status,
-            last_error=error,
-        )
+        # The row stays "in flight" until its result is committed, so no pass sends it again.
+        await self._write(OutboxResult(item.id, result, attempts, next_at, finished, status, error))
         self.metrics.webhook_deliveries.labels("retried" if result == "pending" else result).inc()
         line = {"session": ref, "webhook": item.id, "attempts": attempts, "http_status": status, "detail": error}
         if result == "failed":
