@@ -28,6 +28,7 @@ def test_shipped_config_toml_is_valid_and_equals_the_defaults() -> None:
     assert shipped.server == settings_from_dict({}).server
     assert shipped.providers == settings_from_dict({}).providers
     assert shipped.stream == settings_from_dict({}).stream
+    assert shipped.webhooks == settings_from_dict({}).webhooks
 
 
 @pytest.mark.parametrize(
