@@ -10,6 +10,7 @@ tasks, so an idle stream costs one coroutine frame chain and a few small objects
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -101,6 +102,7 @@ class Broker:
         self._peak = 0  # the most subscribers at once since the last take_peak()
         self._buffer = buffer
         self.closed = False
+        self._closing: list[asyncio.TimerHandle] = []  # closes spread over a shutdown window
 
     def subscribe(self, session_id: str) -> Subscriber:
         sub = Subscriber(self, session_id, self._buffer)
@@ -122,12 +124,26 @@ class Broker:
             sub.push(event)
         return len(subs)
 
-    def close_all(self, reason: str = "shutdown") -> None:
-        """Close every subscription (graceful shutdown: streams end, browsers reconnect)."""
+    def close_all(
+        self, reason: str = "shutdown", spread: float = 0.0, rng: Callable[[], float] = random.random
+    ) -> None:
+        """Close every subscription (graceful shutdown: streams end, browsers reconnect).
+
+        With `spread`, each one is closed at a random moment within that many seconds, so
+        thousands of browsers do not all come back in the same instant; new subscriptions are
+        refused at once either way. A later call without `spread` closes the rest now.
+        """
         self.closed = True
+        for handle in self._closing:
+            handle.cancel()
+        self._closing = []
+        loop = asyncio.get_running_loop() if spread > 0 else None
         for subs in list(self._subs.values()):
             for sub in list(subs):
-                sub.close(reason)
+                if loop is None:
+                    sub.close(reason)
+                else:
+                    self._closing.append(loop.call_later(rng() * spread, sub.close, reason))
 
     def count(self) -> int:
         return self._count

@@ -59,6 +59,9 @@ class ServerConfig:
     demo: bool = False
     # Seconds SIGTERM waits for in-flight callback work before closing the database.
     shutdown_timeout: float = 5.0
+    # Seconds over which SIGTERM closes the open streams (each at a random moment), so browsers
+    # do not all reconnect at once; at most half of shutdown_timeout is used. 0: all at once.
+    shutdown_spread: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,9 @@ class SessionsConfig:
 class StreamConfig:
     heartbeat: float = 15
     retry: int = 3000
+    # Milliseconds of random extra added to each stream's `retry:` (0 = every stream sends
+    # exactly `retry`), another way to spread reconnects after a restart.
+    retry_jitter: int = 0
     max_duration: float = 300
     # Events buffered per subscriber before a slow reader is dropped (it reconnects).
     buffer: int = 16
@@ -320,6 +326,18 @@ def _check(s: Settings) -> None:
             s.stream.heartbeat,
         ),
         ("stream.retry", 0 <= s.stream.retry <= 3_600_000, "milliseconds 0-3600000", s.stream.retry),
+        (
+            "stream.retry_jitter",
+            0 <= s.stream.retry_jitter <= 3_600_000,
+            "milliseconds 0-3600000",
+            s.stream.retry_jitter,
+        ),
+        (
+            "server.shutdown_spread",
+            0 <= s.server.shutdown_spread <= 60,
+            "seconds 0-60",
+            s.server.shutdown_spread,
+        ),
         ("stream.max_duration", 0 < s.stream.max_duration <= 86_400, "seconds > 0 and <= 86400", s.stream.max_duration),
         ("stream.buffer", 2 <= s.stream.buffer <= 1024, "an integer 2-1024", s.stream.buffer),
         ("polling.max_wait", 0 <= s.polling.max_wait <= 300, "seconds 0-300", s.polling.max_wait),

@@ -109,7 +109,9 @@ async def test_sigterm_closes_streams_finishes_callback_work_and_exits_zero(tmp_
                 # Each stream ends with a proper end of body (httpx raises on a reset or a cut chunk).
                 rests = await asyncio.gather(*(stream.rest(timeout=SHUTDOWN_TIMEOUT + 2) for _, stream in streams))
                 assert all(stream.ended for _, stream in streams)
-                assert all(b"event: outcome" not in rest for rest in rests)
+                # The pending sessions get no outcome; the one whose fetch ends during the stop
+                # may get its outcome first, if its stream's close (spread over the stop) is later.
+                assert all(b"event: outcome" not in rest for rest in rests[:-1])
                 code = await asyncio.wait_for(proc.wait(), SHUTDOWN_TIMEOUT + 5)
                 elapsed = time.monotonic() - started
 

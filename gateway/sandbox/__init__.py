@@ -50,6 +50,7 @@ from gateway.providers.veriphone.fake import DEFAULT_PHONE as DEFAULT_VERIPHONE_
 from gateway.providers.veriphone.fake import create_fake_veriphone, fake_state
 from gateway.providers.veriphone.routes import RESULT_PATH as VERIPHONE_RESULT_PATH
 from gateway.sandbox.pages import Field, html_page
+from gateway.sessions import public_ref
 from gateway.web.context import Gateway
 from gateway.web.demo import DEMO_PATH
 from gateway.webhooks.signing import new_secret, parse_secret, verify
@@ -62,6 +63,7 @@ DIALOG_PATH = TRUECALLER_MOUNT + "/dialog"
 WEBHOOKS_LIST = "/sandbox/webhooks"
 WEBHOOKS_RECEIVE = WEBHOOKS_LIST + "/receive"
 MAX_DELIVERIES = 50
+MAX_WEBHOOK_BYTES = 64 * 1024  # an outcome event is a few hundred bytes
 VERIFY_PATH = VERIPHONE_MOUNT + "/verify/{session_uuid}"  # the fake's redirectionUrl lands here
 
 # What the person is shown prefilled: realistic, valid numbers (phonenumbers agrees).
@@ -288,24 +290,37 @@ class Sandbox:
         _trim(self.veriphone.create_calls)
         _trim(self.veriphone.result_calls)
 
-    # --- Truecaller ------------------------------------------------------------------------
+    # --- the fake site backend ---------------------------------------------------------------
 
     async def receive_webhook(self, request: Request) -> Response:
-        """The fake site backend: verify the Standard Webhooks signature as a receiver must, keep a summary."""
-        body = await request.body()
+        """Verify the Standard Webhooks signature and timestamp as a receiver must; keep a summary.
+
+        Every POST is listed, a refused one too (401, `signature_verified` false, nothing read
+        from its body). The summary holds no personal data: no phone, no names, and the
+        session only by its public ref.
+        """
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_WEBHOOK_BYTES:
+                return Response(status_code=413)
         verified = verify(self.webhook_keys, dict(request.headers), body, time.time())
-        try:
-            event = json.loads(body) if verified else {}
-        except ValueError:
-            event = {}
-        data = event.get("data") if isinstance(event, dict) else None
-        data = data if isinstance(data, dict) else {}
+        event: Any = {}
+        if verified:
+            try:
+                event = json.loads(body)
+            except ValueError:
+                event = {}
+        event = event if isinstance(event, dict) else {}
+        data = event.get("data") if isinstance(event.get("data"), dict) else {}
+        session_id = data.get("session_id")
         self.deliveries.appendleft(
             {
                 "id": request.headers.get("webhook-id", "")[:64],
-                "type": str(event.get("type", ""))[:40] if isinstance(event, dict) else "",
-                "status": data.get("status"),
-                "reason": data.get("reason"),
+                "type": _short(event.get("type")),
+                "status": _short(data.get("status")),
+                "reason": _short(data.get("reason")),
+                "session": public_ref(session_id) if isinstance(session_id, str) else None,
                 "signature_verified": verified,
                 "received_at": rfc3339(time.time()),
             }
@@ -313,7 +328,10 @@ class Sandbox:
         return Response(status_code=204 if verified else 401)
 
     async def list_webhooks(self, request: Request) -> Response:
+        """What the fake site backend received, newest first (the demo page lists it)."""
         return JSONResponse({"deliveries": list(self.deliveries)}, headers={"cache-control": "no-store"})
+
+    # --- Truecaller ------------------------------------------------------------------------
 
     async def dialog(self, request: Request) -> Response:
         """The Truecaller app's bottom sheet; opening it sends `flow_invoked`, as the real app does."""
@@ -420,6 +438,11 @@ _HEADERS: Mapping[str, str] = {
     "x-content-type-options": "nosniff",
     "x-frame-options": "DENY",
 }
+
+
+def _short(value: object) -> str | None:
+    """A short string from a verified event for the list, or None."""
+    return value[:40] if isinstance(value, str) else None
 
 
 def _choice(raw: str | None, choices: tuple[tuple[int, str], ...]) -> int | None:

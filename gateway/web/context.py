@@ -53,9 +53,12 @@ class Gateway:
     periodic: dict[str, asyncio.Task[None]] = field(default_factory=dict)  # expiry, retention, memory
 
     def begin_shutdown(self) -> None:
-        """Stop taking long waits: close every stream so browsers reconnect elsewhere."""
+        """Stop taking long waits: close every stream, spread over `server.shutdown_spread`, so
+        browsers reconnect elsewhere without all coming back in the same instant."""
         self.shutting_down = True
-        self.broker.close_all("shutdown")
+        server = self.settings.server
+        # Half the graceful timeout at most: every stream must still end before it runs out.
+        self.broker.close_all("shutdown", spread=min(server.shutdown_spread, server.shutdown_timeout / 2))
 
     async def start(self) -> None:
         await self.store.open()
@@ -72,7 +75,8 @@ class Gateway:
             self.periodic[name] = asyncio.create_task(loop, name=name)
 
     async def stop(self) -> None:
-        self.begin_shutdown()
+        self.shutting_down = True
+        self.broker.close_all("shutdown")  # whatever the spread has not closed yet: now
         await self.background.drain(self.settings.server.shutdown_timeout)
         for periodic in self.periodic.values():
             periodic.cancel()

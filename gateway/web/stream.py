@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import re
 import time
 from typing import Any
@@ -104,7 +105,8 @@ async def serve(
         return
     settings = gw.settings.stream
     # `retry:` rides on the status event: a block without data dispatches nothing in browsers.
-    parts = [sse.event("status", session.snapshot(), retry=settings.retry)]
+    retry = settings.retry + (random.randint(0, settings.retry_jitter) if settings.retry_jitter else 0)
+    parts = [sse.event("status", session.snapshot(), retry=retry)]
     # Dedupe live events against what was really replayed, not against the header: a forged
     # Last-Event-ID above this session's future ids must not hide its outcome.
     last_sent = 0
