@@ -21,13 +21,23 @@ from urllib.parse import quote
 
 import pytest
 import pytest_asyncio
-from playwright.async_api import Browser, BrowserContext, Dialog, Page, ViewportSize, async_playwright, expect
+from playwright.async_api import (
+    Browser,
+    BrowserContext,
+    Dialog,
+    Page,
+    Response,
+    ViewportSize,
+    async_playwright,
+    expect,
+)
 from playwright.async_api import TimeoutError as PlaywrightTimeout
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
+from gateway.sessions import public_ref
 from tests.utils import Running, make_settings, run_gateway, run_sandbox_gateway, serve_app
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio(loop_scope="module")]
@@ -161,6 +171,11 @@ async def open_demo(ctx: BrowserContext, env: Env, errors: list[str] | None = No
     return page
 
 
+def created(response: Response) -> bool:
+    """The page's `POST /v1/sessions` answer."""
+    return response.request.method == "POST" and response.url.split("?")[0].endswith("/v1/sessions")
+
+
 async def state(page: Page, value: str) -> None:
     await expect(page.locator("body")).to_have_attribute("data-state", value, timeout=STEP)
 
@@ -180,9 +195,10 @@ async def test_demo_truecaller_flow_verifies(env: Env, context: tuple[BrowserCon
     page = await open_demo(ctx, env, errors)
     await screenshot(page, env, "demo-idle.png")
 
-    async with page.expect_popup() as popup_info:
+    async with page.expect_popup() as popup_info, page.expect_response(created) as created_info:
         await page.click("#btn-truecaller")
     dialog = await popup_info.value
+    session_ref = public_ref((await (await created_info.value).json())["id"])
     await expect(dialog.get_by_role("heading", level=1)).to_have_text("Gateway sandbox")
     await expect(dialog.locator("#phone")).to_have_value(TRUECALLER_PHONE)
     await screenshot(dialog, env, "sandbox-truecaller-dialog.png")
@@ -197,9 +213,17 @@ async def test_demo_truecaller_flow_verifies(env: Env, context: tuple[BrowserCon
     await expect(page.locator("#outcome-phone")).to_have_text(TRUECALLER_PHONE)
     await expect(page.locator("#outcome-reason")).to_have_text("—")
     # The sandbox's own site backend got the signed webhook; the page lists it with its check.
-    newest = page.locator("#webhooks-list li").first
-    await expect(newest).to_contain_text("session.completed: verified", timeout=STEP)
-    await expect(newest.locator(".sig-ok")).to_have_text("\u2713 signature verified")
+    await expect(page.locator("#webhooks")).to_be_visible()
+    mine = page.locator(f'#webhooks-list li[data-session="{session_ref}"]')
+    await expect(mine).to_have_count(1)
+    await expect(mine).to_have_attribute("data-verified", "true")
+    await expect(mine).to_contain_text("session.completed: verified")
+    await expect(mine.locator(".sig-ok")).to_have_text("\u2713 signature verified")
+    async with env.gw.client() as client:
+        listed = (await client.get("/sandbox/webhooks")).json()["deliveries"]
+    [delivery] = [d for d in listed if d["session"] == session_ref]
+    await expect(mine.locator("code")).to_have_text(delivery["id"])
+    assert delivery["signature_verified"] is True
     await screenshot(page, env, "demo-verified.png")
     if not dialog.is_closed():  # the demo closes the dialog once the outcome is in
         await dialog.wait_for_event("close")
