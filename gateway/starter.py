@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 import phonenumbers
@@ -62,6 +63,8 @@ class Starter:
         self.metrics = metrics
         self.providers: dict[str, Provider] = {}
         self._starting: dict[str, asyncio.Future[None]] = {}  # Idempotency-Keys being started here
+        # Told of every new session after it is stored (the sandbox's scripted numbers).
+        self.on_started: list[Callable[[Session, Prepared], None]] = []
 
     async def start(
         self,
@@ -98,6 +101,8 @@ class Starter:
             else lambda s: Idempotency(remember[0], remember[1], created_answer(s, prepared), s.expires_at),
         )
         self.metrics.session_created(provider.name)
+        for hook in self.on_started:
+            hook(session, prepared)
         return session, prepared
 
     async def start_once(

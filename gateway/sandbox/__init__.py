@@ -20,6 +20,7 @@ are served with a strict Content-Security-Policy.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import html
 import ipaddress
@@ -44,11 +45,13 @@ from starlette.routing import BaseRoute, Mount, Route
 from gateway.config import Settings
 from gateway.errors import ConfigError
 from gateway.outcome import rfc3339
+from gateway.providers.base import Prepared
 from gateway.providers.truecaller.fake import PROFILE_PATH, create_fake_truecaller, post_callback, post_status
 from gateway.providers.truecaller.routes import CALLBACK_PATH as TRUECALLER_CALLBACK_PATH
 from gateway.providers.veriphone.fake import DEFAULT_PHONE as DEFAULT_VERIPHONE_PHONE
 from gateway.providers.veriphone.fake import create_fake_veriphone, fake_state
 from gateway.providers.veriphone.routes import RESULT_PATH as VERIPHONE_RESULT_PATH
+from gateway.records import Session
 from gateway.sandbox.pages import Field, html_page
 from gateway.sessions import public_ref
 from gateway.web.context import Gateway
@@ -191,7 +194,26 @@ def sandbox_base(settings: Settings) -> str:
 
 def sandbox_routes(gateway: Gateway) -> list[BaseRoute]:
     """The fake providers and the pages where a person plays them; mounted only with --sandbox."""
-    return Sandbox(gateway).routes()
+    sandbox = Sandbox(gateway)
+    gateway.starter.on_started.append(sandbox.script)
+    return sandbox.routes()
+
+
+# Scripted numbers: a Truecaller session created with one of these phones plays itself, with
+# no click, so a site's own end-to-end tests can run against the sandbox (README lists them).
+# Each value: what the fake user and the fake Truecaller do.
+SCRIPTED: dict[str, str] = {
+    "+15005550001": "verified",  # the user taps Continue; the profile has this number
+    "+15005550002": "user_rejected",  # the user rejects
+    "+15005550003": "use_another_number",  # the user picks "use another number"
+    "+15005550004": "phone_mismatch",  # the profile comes back with another number
+    "+15005550005": "slow_provider",  # the profile host answers after 2 s; then verified
+    "+15005550006": "provider_5xx",  # the profile host answers 500 every time: failed / provider_error
+    "+15005550007": "expired",  # nobody answers: the session expires at its ttl
+}
+SCRIPT_PAUSE = 0.2  # seconds before a scripted user acts: a page has time to open its stream
+FAULTS_MOUNT = "/sandbox/faults"
+SLOW_PROFILE_SECONDS = 2.0
 
 
 # --- the fakes and the pages ---------------------------------------------------------------
@@ -277,6 +299,8 @@ class Sandbox:
             Route(DIALOG_PATH, self.dialog_action, methods=["POST"]),
             Route(VERIFY_PATH, self.verify_page, methods=["GET"]),
             Route(VERIFY_PATH, self.verify_action, methods=["POST"]),
+            Route(FAULTS_MOUNT + "/slow", self.slow_profile, methods=["GET"]),
+            Route(FAULTS_MOUNT + "/error", self.failing_profile, methods=["GET"]),
             Route(WEBHOOKS_RECEIVE, self.receive_webhook, methods=["POST"]),
             Route(WEBHOOKS_LIST, self.list_webhooks, methods=["GET"]),
             Mount(TRUECALLER_MOUNT, app=self.truecaller_app),
@@ -291,6 +315,44 @@ class Sandbox:
         _trim(self.veriphone.result_calls)
 
     # --- the fake site backend ---------------------------------------------------------------
+
+    # --- scripted numbers ----------------------------------------------------------------
+
+    def script(self, session: Session, prepared: Prepared) -> None:
+        """After a session is stored: if its phone is a scripted number, play the user and Truecaller."""
+        play = SCRIPTED.get(session.phone or "")
+        if play is None or play == "expired" or session.provider != "truecaller":
+            return
+        nonce = str(prepared.public["request_nonce"])
+        self.gw.background.spawn(self._play(play, nonce, session.phone), name="sandbox-script")
+
+    async def _play(self, play: str, nonce: str, phone: str | None) -> None:
+        await asyncio.sleep(SCRIPT_PAUSE)  # a scripted user, like a real one, takes a moment
+        if play in ("user_rejected", "use_another_number"):
+            await self._callback(post_status, nonce, play)
+            return
+        profile_phone = "+15005550099" if play == "phone_mismatch" or phone is None else phone
+        token = self.truecaller.issue_token(profile_phone, "Sandbox", "User", None, "US")
+        path = {"slow_provider": "/slow", "provider_5xx": "/error"}.get(play)
+        endpoint = self.base + (FAULTS_MOUNT + path if path else TRUECALLER_MOUNT + PROFILE_PATH)
+
+        async def send(http: httpx.AsyncClient, url: str, request_id: str, token: str) -> httpx.Response:
+            return await post_callback(http, url, request_id, token, endpoint)
+
+        await self._callback(send, nonce, token)
+
+    async def slow_profile(self, request: Request) -> Response:
+        """A slow Truecaller profile host: the real fake's answer, 2 s late."""
+        await asyncio.sleep(SLOW_PROFILE_SECONDS)
+        auth = request.headers.get("authorization", "")
+        answer = await self.gw.http.get(
+            self.base + TRUECALLER_MOUNT + PROFILE_PATH, headers={"authorization": auth}
+        )
+        return Response(answer.content, status_code=answer.status_code, media_type="application/json")
+
+    async def failing_profile(self, request: Request) -> Response:
+        """A Truecaller profile host that is down: 500 on every request."""
+        return JSONResponse({"status": 50000, "message": "sandbox: provider error on purpose"}, status_code=500)
 
     async def receive_webhook(self, request: Request) -> Response:
         """Verify the Standard Webhooks signature and timestamp as a receiver must; keep a summary.
