@@ -23,11 +23,19 @@ EXPECTED = {
     "+15005550005": ("verified", None),
     "+15005550006": ("failed", "provider_error"),
 }
+EXPECTED_VERIPHONE = {
+    "+15005550011": ("verified", None),
+    "+15005550012": ("rejected", "user_cancelled"),
+    "+15005550013": ("failed", "destination_mismatch"),
+    "+15005550014": ("failed", "expired"),
+}
 
 
-async def outcome_of(client: httpx.AsyncClient, phone: str) -> tuple[dict[str, Any], float]:
+async def outcome_of(
+    client: httpx.AsyncClient, phone: str, provider: str = "truecaller"
+) -> tuple[dict[str, Any], float]:
     started = time.monotonic()
-    created = await client.post("/v1/sessions", json={"provider": "truecaller", "phone": phone})
+    created = await client.post("/v1/sessions", json={"provider": provider, "phone": phone})
     assert created.status_code == 201, created.text
     async with asyncio.timeout(15):
         while True:  # long polls: each returns when the session ends or `wait` runs out
@@ -57,3 +65,13 @@ async def test_the_expired_number_ends_at_the_ttl_and_ordinary_numbers_wait_for_
         )
     assert (expired["status"], expired["reason"]) == ("expired", "timeout")
     assert (ordinary["status"], ordinary["reason"]) == ("expired", "timeout")  # nobody clicked
+
+
+async def test_each_scripted_veriphone_number_forces_its_outcome(tmp_path: Path) -> None:
+    from gateway.sandbox import SCRIPTED_VERIPHONE
+
+    assert set(EXPECTED_VERIPHONE) == set(SCRIPTED_VERIPHONE)
+    async with run_sandbox_gateway(make_settings(tmp_path / "g.db")) as running, running.client() as client:
+        results = await asyncio.gather(*(outcome_of(client, p, "veriphone") for p in EXPECTED_VERIPHONE))
+    for (phone, expected), (outcome, _) in zip(EXPECTED_VERIPHONE.items(), results, strict=True):
+        assert (outcome["status"], outcome["reason"]) == expected, phone

@@ -211,6 +211,14 @@ SCRIPTED: dict[str, str] = {
     "+15005550006": "provider_5xx",  # the profile host answers 500 every time: failed / provider_error
     "+15005550007": "expired",  # nobody answers: the session expires at its ttl
 }
+# Veriph.One: the fake records this attempt status (as its page would) and the user's
+# browser comes back to the Result Endpoint, which pulls the result.
+SCRIPTED_VERIPHONE: dict[str, int] = {
+    "+15005550011": 8192,  # verified
+    "+15005550012": 4352,  # the user cancels the attempt
+    "+15005550013": 4097,  # another number was verified: destination mismatch
+    "+15005550014": 4104,  # the attempt expires at the provider
+}
 SCRIPT_PAUSE = 0.2  # seconds before a scripted user acts: a page has time to open its stream
 FAULTS_MOUNT = "/sandbox/faults"
 SLOW_PROFILE_SECONDS = 2.0
@@ -320,11 +328,22 @@ class Sandbox:
 
     def script(self, session: Session, prepared: Prepared) -> None:
         """After a session is stored: if its phone is a scripted number, play the user and Truecaller."""
-        play = SCRIPTED.get(session.phone or "")
+        phone = session.phone or ""
+        if session.provider == "veriphone" and phone in SCRIPTED_VERIPHONE:
+            uuid = str(prepared.public["session_uuid"])
+            self.gw.background.spawn(self._play_veriphone(uuid, phone), name="sandbox-script")
+            return
+        play = SCRIPTED.get(phone)
         if play is None or play == "expired" or session.provider != "truecaller":
             return
         nonce = str(prepared.public["request_nonce"])
         self.gw.background.spawn(self._play(play, nonce, session.phone), name="sandbox-script")
+
+    async def _play_veriphone(self, session_uuid: str, phone: str) -> None:
+        await asyncio.sleep(SCRIPT_PAUSE)
+        self.veriphone.complete(session_uuid, status=SCRIPTED_VERIPHONE[phone], method=20, phone=phone)
+        # The user's browser comes back: the gateway's Result Endpoint pulls the result.
+        await self.gw.http.get(self.base + VERIPHONE_RESULT_PATH, params={"sessionUuid": session_uuid})
 
     async def _play(self, play: str, nonce: str, phone: str | None) -> None:
         await asyncio.sleep(SCRIPT_PAUSE)  # a scripted user, like a real one, takes a moment
