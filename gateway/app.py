@@ -35,7 +35,7 @@ from gateway.sessions import Sessions
 from gateway.starter import Starter
 from gateway.storage.sqlite import SqliteStore
 from gateway.tasks import Background
-from gateway.web import api, demo
+from gateway.web import api, demo, openapi
 from gateway.web.accesslog import AccessLog
 from gateway.web.context import Gateway, gateway_of
 from gateway.web.doors import HOT_PATHS, EndpointDoor, GatewayApp, StreamDoor, api_error, http_error, internal_error
@@ -91,6 +91,13 @@ def build_gateway(settings: Settings) -> tuple[Gateway, list[BaseRoute]]:
     return gw, routes
 
 
+async def _openapi(request: Request) -> Response:
+    return Response(_OPENAPI, media_type="application/json")
+
+
+_OPENAPI = openapi.encoded()
+
+
 async def _metrics(request: Request) -> Response:
     gw = gateway_of(request)
     gw.metrics.open_streams.set(gw.broker.count())
@@ -120,6 +127,7 @@ def create_app(settings: Settings) -> Starlette:
         routes += sandbox_routes(gateway)
     routes += [
         Route("/metrics", _metrics, methods=["GET"]),
+        Route("/openapi.json", _openapi, methods=["GET"]),
         Mount("/static", StaticFiles(packages=[("gateway", "static")]), name="static"),
     ]
     middleware = [
