@@ -11,6 +11,7 @@ file is missing, else to the test's tmp dir (so the step still runs).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -474,3 +475,76 @@ async def test_sandbox_pages_do_not_run_injected_markup(env: Env, context: tuple
     await page.goto(f"{env.gw.url}/sandbox/veriphone/verify/{quote(EVIL_UUID)}")
     await expect(page.get_by_role("heading", level=1)).to_have_text("Unknown session")
     assert alerts == []
+
+
+# --- calm reconnects: one stream per session per tab, a stream reopened after a wake-up -----
+
+COUNT_STREAMS = """
+window.__streams = [];
+const Native = window.EventSource;
+window.EventSource = function (url, init) { const es = new Native(url, init); window.__streams.push(es); return es; };
+window.EventSource.prototype = Native.prototype;
+"""
+
+
+async def resumable(env: Env, ctx: BrowserContext) -> tuple[Page, str, str]:
+    """The demo page holding a pending Truecaller session to resume; (page, session id, nonce)."""
+    async with env.gw.client() as client:
+        s = (await client.post("/v1/sessions", json={"provider": "truecaller"})).json()
+    page = await ctx.new_page()
+    await page.add_init_script(COUNT_STREAMS)
+    await page.goto(f"{env.gw.url}/demo")
+    await until(page, "window.GatewayVerify !== undefined")
+    saved = {"id": s["id"], "stream_url": s["stream_url"], "status_url": s["status_url"], "base": ""}
+    await page.evaluate("s => sessionStorage.setItem('gatewayVerify.pending', JSON.stringify(s))", saved)
+    return page, s["id"], s["truecaller"]["request_nonce"]
+
+
+async def until(page: Page, predicate: str, timeout: float = STEP / 1000) -> None:
+    """Poll a predicate in the page (the demo's CSP forbids wait_for_function's eval)."""
+    async with asyncio.timeout(timeout):
+        while not await page.evaluate(f"() => Boolean({predicate})"):
+            await asyncio.sleep(0.05)
+
+
+async def reject(env: Env, nonce: str) -> None:
+    async with env.gw.client() as client:
+        answer = await client.post("/v1/callbacks/truecaller", json={"requestId": nonce, "status": "user_rejected"})
+        assert answer.status_code == 200
+
+
+async def test_a_second_resume_of_a_session_opens_no_second_stream(
+    env: Env, context: tuple[BrowserContext, Traffic]
+) -> None:
+    ctx, _ = context
+    page, _, nonce = await resumable(env, ctx)
+    await page.evaluate(
+        """() => {
+        window.outcomes = [];
+        const a = GatewayVerify.resume({ onOutcome: (o) => window.outcomes.push(o.status) });
+        const b = GatewayVerify.resume({ onOutcome: (o) => window.outcomes.push('second') });
+        window.same = a === b;
+    }"""
+    )
+    await until(page, "window.__streams.length === 1 && window.__streams[0].readyState === 1")
+    await reject(env, nonce)
+    await until(page, "window.outcomes.length === 1")
+    assert await page.evaluate("[window.same, window.outcomes, window.__streams.length]") == [True, ["rejected"], 1]
+
+
+async def test_a_stream_closed_while_the_page_slept_reopens_once_and_catches_up(
+    env: Env, context: tuple[BrowserContext, Traffic]
+) -> None:
+    ctx, _ = context
+    page, _, nonce = await resumable(env, ctx)
+    await page.evaluate(
+        "() => { window.outcomes = []; GatewayVerify.resume({ onOutcome: (o) => window.outcomes.push(o.status) }); }"
+    )
+    await until(page, "window.__streams.length === 1 && window.__streams[0].readyState === 1")
+    # What the back/forward cache does: the browser closes the stream; the page is restored later.
+    await page.evaluate("() => window.__streams[0].close()")
+    await reject(env, nonce)  # the outcome happens while the page sleeps
+    await page.evaluate("() => window.dispatchEvent(new PageTransitionEvent('pageshow', { persisted: true }))")
+    await page.evaluate("() => window.dispatchEvent(new Event('online'))")  # a second wake-up: no second stream
+    await until(page, "window.outcomes.length === 1")
+    assert await page.evaluate("[window.outcomes, window.__streams.length]") == [["rejected"], 2]

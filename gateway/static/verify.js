@@ -8,6 +8,12 @@
  *
  * start() must be called from the user's click handler: both the Truecaller deep link and
  * the Veriph.One popup need the browser's "user activation" or they are blocked.
+ *
+ * Reconnects stay calm: a tab holds at most one stream per session (a second resume() of the
+ * same session returns the running handle); when the page comes back from the back/forward
+ * cache, or a mobile browser resumes it, or the network returns, a stream the browser closed
+ * meanwhile is opened again once, after a short random pause, and catches up from the
+ * gateway; long-poll retries back off exponentially with jitter.
  */
 (() => {
   'use strict';
@@ -25,6 +31,14 @@
   const MAX_POLL_FAILURES = 5;
   // Lets resume() pick up a Veriph.One session after the same-tab redirect round trip.
   const STORAGE_KEY = 'gatewayVerify.pending';
+  // A page that wakes up (bfcache, a resumed mobile tab) reopens its stream within this many
+  // ms, at random: many tabs woken together by the same event do not arrive together.
+  const REOPEN_JITTER_MS = 1000;
+  // Running verifications of this tab by session id: one stream per session per tab.
+  const live = new Map();
+  // What tells a page it woke up: back/forward cache, Page Lifecycle resume, tab shown, network.
+  const WAKEUPS = [[window, 'pageshow'], [window, 'online'], [document, 'visibilitychange'], [document, 'resume']]
+    .filter((w) => w[0].addEventListener);
 
   class GatewayError extends Error {
     constructor(code, message, status = 0) {
@@ -79,6 +93,8 @@
       clearTimeout(timer);
       if (es) es.close();
       ctl.abort();
+      if (live.get(handle.sessionId) === ready) live.delete(handle.sessionId);
+      for (const [target, type] of WAKEUPS) target.removeEventListener(type, wake);
       if (popup && !popup.closed) popup.close();
       if (remembered) storage(null);
     }
@@ -110,8 +126,24 @@
       if (snap && snap.status !== 'pending') finish(snap.outcome);
     };
 
+    let current = null; // the session whose stream this run holds
+
+    // The page woke up (bfcache restore, a resumed tab, the network back): a stream the
+    // browser closed while it slept is opened again, once, and catches up from the gateway.
+    function wake(ev) {
+      // Only a stream the browser closed for good (readyState 2); a live one reconnects itself.
+      if (finished || !es || es.readyState !== 2 || (ev.type === 'pageshow' && !ev.persisted)
+        || document.visibilityState === 'hidden') return;
+      es.close();
+      es = null;
+      clearTimeout(timer);
+      timer = setTimeout(subscribe, Math.random() * REOPEN_JITTER_MS, current);
+    }
+    for (const [target, type] of WAKEUPS) target.addEventListener(type, wake);
+
     function subscribe(s) {
       if (finished) return;
+      current = s;
       const statusUrl = base + s.status_url;
       if (typeof EventSource !== 'function') return poll(statusUrl);
       let errors = 0;
@@ -171,7 +203,9 @@
           if (++failures >= MAX_POLL_FAILURES) {
             return fail(new GatewayError('network_error', 'Lost contact with the verification gateway'));
           }
-          delay = Math.min(o.pollInterval * 2 ** failures, 30000);
+          // Exponential, capped, with jitter: clients that lost the gateway together do not
+          // all come back in the same instant.
+          delay = Math.min(o.pollInterval * 2 ** failures, 30000) * (0.5 + Math.random() / 2);
         }
         await sleep(delay);
       }
@@ -233,6 +267,7 @@
       }
       if (finished) return handle; // cancelled while the session was being created
       handle.sessionId = s.id;
+      live.set(s.id, ready);
       try {
         launch(s);
       } catch (e) {
@@ -241,8 +276,12 @@
       return handle;
     }
 
+    // create() reads `ready` only after its first await, when it is assigned.
     const ready = saved ? Promise.resolve(handle) : create();
-    if (saved) subscribe(saved);
+    if (saved) {
+      live.set(saved.id, ready);
+      subscribe(saved);
+    }
     // Errors reach onError, never a rejection; cancel() works before the promise settles.
     ready.cancel = handle.cancel;
     return ready;
@@ -254,7 +293,9 @@
     // Returns a Promise of the handle, or null when there is nothing to resume.
     resume: (options) => {
       const saved = storage();
-      return saved && saved.id ? run({ ...options, gatewayUrl: saved.base }, saved) : null;
+      if (!saved || !saved.id) return null;
+      // One stream per session per tab: a second resume() gets the running verification.
+      return live.get(saved.id) || run({ ...options, gatewayUrl: saved.base }, saved);
     },
     GatewayError,
   });
