@@ -100,6 +100,12 @@ def _parser() -> argparse.ArgumentParser:
     which = retry.add_mutually_exclusive_group(required=True)
     which.add_argument("id", nargs="?", help="the webhook-id (msg_...) to send again")
     which.add_argument("--all-failed", action="store_true", help="every failed webhook")
+    doctor = sub.add_parser("doctor", help="check, through the public URL, that the proxy keeps streams working")
+    doctor.add_argument("url", help="the gateway's public base URL, e.g. https://verify.example.com")
+    doctor.add_argument("--direct", help="its direct address, to compare the first event's time with")
+    doctor.add_argument("--origin", action="append", default=[], help="a site origin to check CORS for (repeatable)")
+    doctor.add_argument("--timeout", type=float, default=30.0, help="seconds any one check may take (default 30)")
+    doctor.add_argument("--config", help="config file: stream.heartbeat and server.cors_allow_origins come from it")
     stats = sub.add_parser("stats", help="conversion per provider from the database: started, reached, outcomes")
     stats.add_argument("--since", default="24h", help="how far back, e.g. 90m, 24h, 7d (default 24h)")
     for command in (listing, retry, stats):
@@ -117,6 +123,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "webhooks":
             return asyncio.run(_webhooks(settings, args))
+        if args.command == "doctor":
+            from gateway.doctor import doctor
+
+            if not 0 < args.timeout <= 600:
+                raise ConfigError(f"--timeout: expected seconds > 0 and <= 600, got {args.timeout}")
+            origins = args.origin or list(settings.server.cors_allow_origins)
+            return doctor(
+                args.url, direct=args.direct, origins=origins, heartbeat=settings.stream.heartbeat, timeout=args.timeout
+            )
         if args.command == "stats":
             return asyncio.run(_stats(settings, _duration("--since", args.since)))
         settings = _apply_overrides(settings, args)
