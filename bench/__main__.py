@@ -7,6 +7,7 @@ python -m bench --report bench/results/latest.json --markdown   # re-render, no 
 python -m bench --profile --memory-profile       # also py-spy and tracemalloc breakdowns
 python -m bench --profile-client-ab --markdown   # only: lean profile client vs httpx (~2 min)
 python -m bench --webhooks-ab --markdown         # only: webhooks off vs on, a slow receiver (~2 min)
+python -m bench --reconnect-storm --streams 10000 # only: reconnects per 100 ms after a restart
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-PHASES = ("streams", "throughput", "polling", "profile-client-ab", "webhooks-ab")
+PHASES = ("streams", "throughput", "polling", "profile-client-ab", "webhooks-ab", "reconnect-storm")
 
 
 def _phases(text: str) -> tuple[str, ...]:
@@ -87,6 +88,11 @@ def parser() -> argparse.ArgumentParser:
         help="run only the A/B of the profile fetch client, lean HTTP/1.1 vs httpx (= --phases profile-client-ab)",
     )
     p.add_argument(
+        "--reconnect-storm",
+        action="store_true",
+        help="run only the restart storm: reconnects per 100 ms, closes at once vs spread (= --phases reconnect-storm)",
+    )
+    p.add_argument(
         "--webhooks-ab",
         action="store_true",
         help="run only the A/B of webhooks off vs on, to a slow receiver (= --phases webhooks-ab)",
@@ -134,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.profile_client_ab
             else ("webhooks-ab",)
             if args.webhooks_ab
+            else ("reconnect-storm",)
+            if args.reconnect_storm
             else _phases(args.phases),
             switch_interval=args.switch_interval,
             ab_rounds=max(1, args.ab_rounds),

@@ -219,6 +219,8 @@ class Conn(asyncio.Protocol):
                 value = value[1:]
             if field == b"event":
                 name = value
+            elif field == b"retry" and value.isdigit():
+                self.retry_ms = int(value)
             elif field == b"data":
                 data.append(value)
         if only_comments:
@@ -291,6 +293,7 @@ class Conn(asyncio.Protocol):
         self.streaming = True
         self.stream_ended = False
         self.heartbeats = 0
+        self.retry_ms: int | None = None
         self.event_times = {}
         self.event_data = {}
         self.event_counts = {}

@@ -169,6 +169,35 @@ class Worker:
             "cpu_s": cpu_seconds() - cpu0,
         }
 
+    async def op_storm(self, tag: str, within: float) -> dict[str, Any]:
+        """Behave like EventSource after a restart: when a stream of `tag` ends, wait the `retry`
+        it was sent, reconnect, and again after each failed attempt; every attempt's wall time."""
+        attempts: list[float] = []
+        done = 0
+        end = time.monotonic() + within
+
+        async def one(s: Session) -> None:
+            nonlocal done
+            assert s.stream is not None
+            retry = (s.stream.retry_ms or 3000) / 1000
+            await s.stream.wait_stream_end(timeout=within)
+            while time.monotonic() < end:
+                await asyncio.sleep(retry)
+                attempts.append(time.time())
+                try:
+                    conn = await self._conn(keep_data=False)
+                    conn.start_stream(f"/v1/sessions/{s.id}/events")
+                    await conn.wait_event("status", timeout=10)
+                except Exception:  # refused while the gateway restarts: try again after `retry`
+                    continue
+                s.stream = conn
+                done += 1
+                return
+
+        todo = [s for s in self.sessions if s.tag == tag and s.stream is not None]
+        results = await asyncio.gather(*(one(s) for s in todo), return_exceptions=True)
+        return {"streams": len(todo), "reconnected": done, "attempts": attempts, "first_error": _first_error(results)}
+
     async def op_stats(self) -> dict[str, Any]:
         streams = [s.stream for s in self.sessions if s.stream is not None]
         alive = [c for c in streams if not c.closed and not c.stream_ended]

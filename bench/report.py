@@ -315,6 +315,18 @@ def rows(results: dict[str, Any]) -> list[Row]:
     wh = results.get("webhooks_ab")
     if wh:
         out += webhooks_rows(wh)
+    for run in (results.get("reconnect_storm") or {}).get("runs", []):
+        p5, p95 = run["spread_p5_p95_s"] or (float("nan"), float("nan"))
+        out.append(
+            (
+                f"[restart storm, {run['streams']:,} streams] {run['variant']}: reconnect attempts, peak per 100 ms;"
+                " p5-p95 of the attempts after SIGTERM",
+                f"{run['attempts']:,} attempts ({run['reconnected']:,} reconnected); peak {run['peak_per_100ms']:,};"
+                f" {_num(p5, 2)}-{_num(p95, 2)} s",
+                "",
+                "",
+            )
+        )
     return out
 
 

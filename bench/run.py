@@ -269,14 +269,20 @@ class Bench:
         traced: Path | None = None,
         profile_client: str | None = None,
         webhooks: str | None = None,
+        port: int | None = None,
+        server_extra: str = "",
+        stream_extra: str = "",
     ) -> Service:
         assert self.fake is not None
         work = self.tmp / name
         work.mkdir(exist_ok=True)
         db = db or work / "gateway.db"
-        port = procs.free_port()
+        port = port or procs.free_port()
         config = work / "config.toml"
         text = gateway_config(db, port, self.fake.port, self.opts)
+        text = text.replace("[server]\n", "[server]\n" + server_extra).replace(
+            "[stream]\n", "[stream]\n" + stream_extra
+        )
         if webhooks is not None:
             text += f'\n[webhooks]\nurl = "{webhooks}"\nconcurrency = 8\nmax_attempts = 100\n'
         config.write_text(text)
@@ -879,6 +885,67 @@ class Bench:
             "all_delivered": distinct >= outcomes,
         }
 
+    def reconnect_storm_phase(self) -> dict[str, Any]:
+        """N streams open, SIGTERM and a new gateway on the same port and database; the clients
+        come back like EventSource (after the `retry` they were sent). Reconnect attempts per
+        100 ms, with the closes at once and no retry jitter ("before"), then spread ("after")."""
+        opts, pool = self.opts, self.pool
+        assert pool is not None
+        n = max(opts.streams)
+        variants = [
+            ("before: closed at once, retry 3000", 0.0, 0),
+            ("after: shutdown_spread 2 s", 2.0, 0),
+            ("after: shutdown_spread 2 s, retry_jitter 2000 ms", 2.0, 2000),
+        ]
+        runs = []
+        for label, spread, jitter in variants:
+            log(opts, f"reconnect storm: {label}, {n} streams")
+            name = f"storm-{len(runs) + 1}"
+            server = f"shutdown_spread = {spread}\nshutdown_timeout = 8.0\n"
+            stream = f"retry_jitter = {jitter}\n"
+            first = self.start_gateway(name, server_extra=server, stream_extra=stream)
+            db = self.databases[first.name]
+            pool.all("target", host=HOST, port=first.port)
+            shares = split(n, pool.size)
+            per = max(1, opts.create_concurrency // pool.size)
+            pool.call(
+                {i: {"op": "create", "count": shares[i], "concurrency": per, "tag": "storm"} for i in range(pool.size)}
+            )
+            per_open = max(1, opts.open_concurrency // pool.size)
+            opened = pool.call(
+                {
+                    i: {"op": "open", "concurrency": per_open, "tag": "storm", "keep_data": False}
+                    for i in range(pool.size)
+                }
+            )
+            total = sum(r["opened"] for r in opened.values())
+            for i in range(pool.size):
+                pool.send(i, "storm", tag="storm", within=60.0)
+            stopped_at = time.time()
+            self.stop_gateway(first, name)
+            second = self.start_gateway(
+                name + "-restart", db=db, port=first.port, server_extra=server, stream_extra=stream
+            )
+            replies = {i: pool.recv(i, timeout=120) for i in range(pool.size)}
+            attempts = sorted(t - stopped_at for r in replies.values() for t in r["attempts"])
+            buckets: dict[int, int] = {}
+            for t in attempts:
+                buckets[int(t * 10)] = buckets.get(int(t * 10), 0) + 1
+            runs.append(
+                {
+                    "variant": label,
+                    "streams": total,
+                    "reconnected": sum(r["reconnected"] for r in replies.values()),
+                    "attempts": len(attempts),
+                    "peak_per_100ms": max(buckets.values(), default=0),
+                    "spread_p5_p95_s": [pct(attempts, 5), pct(attempts, 95)] if attempts else None,
+                    "restart_ready_s": second.ready_after,
+                }
+            )
+            self.stop_gateway(second, name + "-restart")
+            pool.all("close")
+        return {"n": n, "runs": runs}
+
     def _cpu_during(self, pid: int, start: float, duration: float) -> dict[str, float]:
         time.sleep(max(0.0, start - time.monotonic()))
         meter = procs.CpuMeter(pid)
@@ -945,8 +1012,8 @@ class Bench:
         started = time.time()
         t0 = time.monotonic()
         load_at_start = os.getloadavg()
-        only_ab = set(opts.phases) <= {"profile-client-ab", "webhooks-ab"}
-        largest = max(opts.streams) if opts.streams and not only_ab else 0
+        only_ab = set(opts.phases) <= {"profile-client-ab", "webhooks-ab", "reconnect-storm"}
+        largest = max(opts.streams) if opts.streams and (not only_ab or "reconnect-storm" in opts.phases) else 0
         size = max(2, math.ceil(largest / opts.max_per_process))
         log(opts, f"starting the fake profile host and {size} load-generator processes")
         self.fake = self.start_fake()
@@ -971,6 +1038,8 @@ class Bench:
             results["profile_client_ab"] = self.profile_client_ab_phase()
         if "webhooks-ab" in opts.phases:
             results["webhooks_ab"] = self.webhooks_ab_phase()
+        if "reconnect-storm" in opts.phases:
+            results["reconnect_storm"] = self.reconnect_storm_phase()
         if not only_ab:
             results["startup"] = {
                 "fresh_ready_s": self.startups,
