@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import re
+import select
 import ssl
 import time
 from collections import deque
@@ -88,8 +89,16 @@ class _Conn:
         self.idle_since = 0.0
 
     def usable(self) -> bool:
-        """False once the peer closed it while idle (EOF already seen) or it is closing."""
-        return not self.writer.is_closing() and not self.reader.at_eof()
+        """False once it is closing, or the peer sent anything while it sat idle (EOF included).
+
+        An unasked byte (a 408 before an idle close, a stray response) would be read as the next
+        request's answer; as urllib3 and httpcore do, such a connection is dropped, not reused.
+        """
+        if self.writer.is_closing() or self.reader.at_eof() or getattr(self.reader, "_buffer", None):
+            return False
+        # Bytes the event loop has not read from the socket yet.
+        sock = self.writer.get_extra_info("socket")
+        return sock is None or not _readable(sock.fileno())
 
     def close(self) -> None:
         self.writer.close()
@@ -97,6 +106,14 @@ class _Conn:
     def abort(self) -> None:
         # Mid-response or on error: no graceful shutdown, the rest of the response is unwanted.
         self.writer.transport.abort()
+
+
+def _readable(fd: int) -> bool:
+    if not hasattr(select, "poll"):  # no poll(): the userland check above has to do
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class _Message:
@@ -149,6 +166,8 @@ class _Message:
         if self.complete:
             return
         self.status = self.parser.get_status_code()
+        if self.status < 100:
+            raise _Abort  # llhttp takes 000-099, which HTTP has not: not an interim response, whose body it would keep
         if self.status < 200:
             return  # interim response; llhttp completes it and parses the next one
         self.head_done = True
