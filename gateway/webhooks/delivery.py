@@ -44,7 +44,9 @@ def retry_after(value: str | None, now: float) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    # ASCII only: str.isdigit() is also true for "²", which float() refuses; an exception
+    # here would leave the attempt unrecorded and the row due, sent again at once, forever.
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
