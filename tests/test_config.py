@@ -50,6 +50,13 @@ def test_shipped_config_toml_is_valid_and_equals_the_defaults() -> None:
         ({"stream": {"heartbeat": 300, "max_duration": 300}}, "stream.heartbeat"),
         ({"stream": {"heartbeat": 0}}, "stream.heartbeat"),
         ({"stream": {"retry": -5}}, "stream.retry"),
+        ({"stream": {"retry_jitter": -1}}, "stream.retry_jitter"),
+        ({"stream": {"retry_jitter": 1.5}}, "stream.retry_jitter"),
+        ({"stream": {"retry_jitter": 3_600_001}}, "stream.retry_jitter"),
+        ({"server": {"shutdown_spread": -0.5}}, "server.shutdown_spread"),
+        ({"server": {"shutdown_spread": "2"}}, "server.shutdown_spread"),
+        ({"server": {"shutdown_spread": 5, "shutdown_timeout": 5}}, "server.shutdown_spread"),
+        ({"server": {"shutdown_timeout": 1}}, "server.shutdown_spread"),  # the default spread (2 s) is not below it
         ({"polling": {"max_wait": -1}}, "polling.max_wait"),
         ({"providers": {"truecaller": {"http_timeout": 0}}}, "providers.truecaller.http_timeout"),
         ({"providers": {"truecaller": {"lang": "fr"}}}, "providers.truecaller.lang"),
@@ -70,6 +77,20 @@ def test_bad_values_name_the_key(raw: dict[str, Any], key: str) -> None:
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith(f"cfg.toml: {key}: ")
+
+
+def test_reconnect_spreading_defaults_and_bounds() -> None:
+    s = settings_from_dict({})
+    assert (s.server.shutdown_spread, s.server.shutdown_timeout, s.stream.retry_jitter) == (2.0, 5.0, 0)
+    s = settings_from_dict({"server": {"shutdown_spread": 4.5}, "stream": {"retry_jitter": 2000}})
+    assert (s.server.shutdown_spread, s.stream.retry_jitter) == (4.5, 2000)
+    s = settings_from_dict({"server": {"shutdown_timeout": 0.2, "shutdown_spread": 0}})  # 0: all at once
+    assert s.server.shutdown_spread == 0
+    with pytest.raises(ConfigError) as err:
+        settings_from_dict({"server": {"shutdown_spread": 6}}, source="cfg.toml")
+    assert str(err.value) == (
+        "cfg.toml: server.shutdown_spread: expected seconds >= 0 and below server.shutdown_timeout (5), got 6.0"
+    )
 
 
 def test_secrets_come_from_the_environment() -> None:

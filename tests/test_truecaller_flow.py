@@ -504,7 +504,8 @@ async def test_restart_resumes_interrupted_fetches(db_path: Path) -> None:
     fake.hold = asyncio.Event()
     try:
         async with serve_app(app) as fake_url:
-            settings = make_settings(db_path, merge_server(tc_overrides(port_of(fake_url)), shutdown_timeout=0.2))
+            server = merge_server(tc_overrides(port_of(fake_url)), shutdown_timeout=0.2, shutdown_spread=0)
+            settings = make_settings(db_path, server)
             async with run_gateway(settings) as gw, gw.client() as client:
                 env = Env(gw, client, fake, fake_url + PROFILE_PATH, db_path)
                 resumed, (stale, stale_nonce) = await env.start(), await env.start()

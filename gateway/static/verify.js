@@ -9,11 +9,21 @@
  * start() must be called from the user's click handler: both the Truecaller deep link and
  * the Veriph.One popup need the browser's "user activation" or they are blocked.
  *
- * Reconnects stay calm: a tab holds at most one stream per session (a second resume() of the
- * same session returns the running handle); when the page comes back from the back/forward
- * cache, or a mobile browser resumes it, or the network returns, a stream the browser closed
- * meanwhile is opened again once, after a short random pause, and catches up from the
- * gateway; long-poll retries back off exponentially with jitter.
+ * Reconnects stay calm, so a gateway restart does not bring every page back at once:
+ * - EventSource reconnects by itself after the `retry:` the gateway sent (jittered per stream
+ *   when the gateway sets stream.retry_jitter).
+ * - verify.js's own retries back off: a stream it gives up (the browser closed it after an
+ *   HTTP error, MAX_STREAM_ERRORS errors in a row, or no first event) turns into long polling
+ *   only after pollInterval × [0.5, 1) ms, and each failed poll doubles that wait (random
+ *   factor kept, at most 30 s; after MAX_POLL_FAILURES, onError).
+ * - A tab holds at most one stream per session: a second resume() of the same session
+ *   returns the running verification (its handle Promise) and opens nothing.
+ * - When the page wakes up (back from the back/forward cache: `pageshow` with persisted;
+ *   resumed by a mobile browser: `visibilitychange` to visible, `resume`; the network back:
+ *   `online`), a stream the browser closed meanwhile is opened again, once, and a retry
+ *   waiting out its back-off is made now, both after a random pause under a second. The
+ *   gateway answers the new stream with the current status, and the outcome at once if it
+ *   came meanwhile.
  */
 (() => {
   'use strict';
@@ -34,6 +44,9 @@
   // A page that wakes up (bfcache, a resumed mobile tab) reopens its stream within this many
   // ms, at random: many tabs woken together by the same event do not arrive together.
   const REOPEN_JITTER_MS = 1000;
+  // verify.js's own retries wait pollInterval × 2^n ms, at most this, times a random factor
+  // in [0.5, 1): clients that lost the gateway together do not come back together.
+  const MAX_BACKOFF_MS = 30000;
   // Running verifications of this tab by session id: one stream per session per tab.
   const live = new Map();
   // What tells a page it woke up: back/forward cache, Page Lifecycle resume, tab shown, network.
@@ -87,6 +100,8 @@
     let timer = 0;
     let popup = null;
     let remembered = Boolean(saved);
+    let retryNow = null; // while the poller waits: ends the wait early (on a wake-up)
+    const backoff = (n) => Math.min(o.pollInterval * 2 ** n, MAX_BACKOFF_MS) * (0.5 + Math.random() / 2);
 
     function cleanup() {
       finished = true;
@@ -110,17 +125,13 @@
       else if (outcome.reason === 'use_another_number') call(o.onFallback, 'use_another_number');
     }
 
-    function fail(err) {
+    // The end without an outcome: an error for onError, or a reason for onFallback.
+    const stop = (fn, arg) => {
       if (finished) return;
       cleanup();
-      call(o.onError, err);
-    }
-
-    function fallback(reason) {
-      if (finished) return;
-      cleanup();
-      call(o.onFallback, reason);
-    }
+      call(fn, arg);
+    };
+    const fail = (err) => stop(o.onError, err);
 
     const snapshot = (snap) => {
       if (snap && snap.status !== 'pending') finish(snap.outcome);
@@ -129,30 +140,31 @@
     let current = null; // the session whose stream this run holds
 
     // The page woke up (bfcache restore, a resumed tab, the network back): a stream the
-    // browser closed while it slept is opened again, once, and catches up from the gateway.
+    // browser closed while it slept is opened again, once, and catches up from the gateway;
+    // a pending back-off ends early, once. Either after a random pause.
     function wake(ev) {
+      if (finished || (ev.type === 'pageshow' && !ev.persisted) || document.visibilityState === 'hidden') return;
       // Only a stream the browser closed for good (readyState 2); a live one reconnects itself.
-      if (finished || !es || es.readyState !== 2 || (ev.type === 'pageshow' && !ev.persisted)
-        || document.visibilityState === 'hidden') return;
-      es.close();
-      es = null;
+      const go = retryNow || (es && es.readyState === 2 && subscribe);
+      if (!go) return;
+      retryNow = es = null; // (a poller has no stream)
       clearTimeout(timer);
-      timer = setTimeout(subscribe, Math.random() * REOPEN_JITTER_MS, current);
+      timer = setTimeout(go, Math.random() * REOPEN_JITTER_MS, current);
     }
     for (const [target, type] of WAKEUPS) target.addEventListener(type, wake);
 
     function subscribe(s) {
       if (finished) return;
       current = s;
-      const statusUrl = base + s.status_url;
-      if (typeof EventSource !== 'function') return poll(statusUrl);
+      const pollUrl = base + s.status_url + '?wait=' + LONG_POLL_WAIT;
+      if (typeof EventSource !== 'function') return poll(pollUrl, 0);
       let errors = 0;
+      // Giving up on SSE: long polling, after a back-off (never all pages in the same instant).
       const toPolling = () => {
-        if (finished) return;
         es.close();
         es = null;
         clearTimeout(timer);
-        poll(statusUrl);
+        poll(pollUrl, backoff(0));
       };
       es = new EventSource(base + s.stream_url);
       timer = setTimeout(toPolling, FIRST_EVENT_MS);
@@ -173,14 +185,19 @@
       };
     }
 
-    const sleep = (ms) => new Promise((resolve) => { timer = setTimeout(resolve, Math.max(0, ms)); });
+    // The wait before the next poll (a back-off after a failure); wake() may end it early.
+    const sleep = (ms) => new Promise((resolve) => {
+      retryNow = resolve;
+      timer = setTimeout(resolve, ms);
+    });
 
-    async function poll(url) {
-      const pollUrl = url + (url.includes('?') ? '&' : '?') + 'wait=' + LONG_POLL_WAIT;
+    // Long polling, after `delay` ms; ends with the outcome, or onError once retries run out.
+    async function poll(pollUrl, delay) {
       let failures = 0;
       while (!finished) {
+        await sleep(delay);
+        retryNow = null;
         const started = Date.now();
-        let delay;
         try {
           const res = await fetch(pollUrl, {
             headers: { Accept: 'application/json' }, cache: 'no-store', signal: ctl.signal,
@@ -196,18 +213,15 @@
             // 404 and friends: the session is gone and retrying cannot bring it back.
             return fail(await errorFrom(res));
           } else {
-            throw new GatewayError('http_' + res.status, 'Gateway unavailable', res.status);
+            throw res.status; // 5xx, 429: counted and retried below
           }
         } catch (e) {
           if (finished) return;
           if (++failures >= MAX_POLL_FAILURES) {
             return fail(new GatewayError('network_error', 'Lost contact with the verification gateway'));
           }
-          // Exponential, capped, with jitter: clients that lost the gateway together do not
-          // all come back in the same instant.
-          delay = Math.min(o.pollInterval * 2 ** failures, 30000) * (0.5 + Math.random() / 2);
+          delay = backoff(failures);
         }
-        await sleep(delay);
       }
     }
 
@@ -219,7 +233,7 @@
         else window.location.href = link;
         if (o.skipFocusCheck) return subscribe(s);
         timer = setTimeout(() => {
-          if (document.hasFocus()) fallback('no_app');
+          if (document.hasFocus()) stop(o.onFallback, 'no_app');
           else subscribe(s);
         }, FOCUS_CHECK_MS);
         return;
