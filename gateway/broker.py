@@ -145,6 +145,18 @@ class Broker:
                 else:
                     self._closing.append(loop.call_later(rng() * spread, sub.close, reason))
 
+    def close_current(self, reason: str) -> None:
+        """Close every subscription open now; new ones are still taken (e.g. after a lost feed)."""
+        for subs in list(self._subs.values()):
+            for sub in list(subs):
+                sub.close(reason)
+
+    def has(self, session_id: str) -> bool:
+        return session_id in self._subs
+
+    def subscribers(self, session_id: str) -> list[Subscriber]:
+        return list(self._subs.get(session_id, ()))
+
     def count(self) -> int:
         return self._count
 

@@ -22,6 +22,7 @@ from gateway.config import Settings, load_settings
 from gateway.errors import ConfigError, GatewayError
 from gateway.outcome import rfc3339
 from gateway.storage.sqlite import SqliteStore, apply_migrations
+from gateway.workers import MAX_WORKERS, bind, supervise
 
 log = logging.getLogger("gateway")
 
@@ -89,6 +90,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port")
     serve.add_argument("--sandbox", action="store_true", help="mount fake providers; no credentials needed")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="run this many gateway processes on the port (PostgreSQL only: [database] url)",
+    )
+    serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # a worker of --workers
     migrate = sub.add_parser("migrate", help="apply pending database migrations and exit")
     migrate.add_argument("--config", help="config file (default: $GATEWAY_CONFIG, then ./config.toml)")
     hooks = sub.add_parser("webhooks", help="list or resend the outcome webhooks of the outbox")
@@ -135,23 +143,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "stats":
             return asyncio.run(_stats(settings, _duration("--since", args.since)))
         settings = _apply_overrides(settings, args)
+        _check_workers(settings, args.workers)
     except GatewayError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
     from gateway.logs import configure_logging
 
     configure_logging(settings.logging)
+    if args.workers > 1:
+        listen = settings.server
+        return supervise(sys.argv[1:] if argv is None else argv, args.workers, listen.host, listen.port)
     sockets: list[socket.socket] | None = None
-    if settings.sandbox:
+    if settings.sandbox or args.reuse_port:
         # Bind before building the app, so the sandbox's self-pointing URLs carry the
-        # real port (port 0 included); uvicorn then serves on this socket.
-        from gateway.sandbox import apply_sandbox, bind_socket
-
+        # real port (port 0 included); uvicorn then serves on this socket. A worker of
+        # --workers binds the port its siblings share.
         try:
-            sockets = [bind_socket(settings.server.host, settings.server.port)]
+            sockets = [bind(settings.server.host, settings.server.port, reuse_port=args.reuse_port)]
         except OSError as exc:
             print(f"gateway: cannot listen on {settings.server.host}:{settings.server.port}: {exc}", file=sys.stderr)
             return 1
+    if settings.sandbox and sockets:
+        from gateway.sandbox import apply_sandbox
+
         settings = apply_sandbox(settings, sockets[0].getsockname()[:2])
     server = build_server(settings)
     tune_gc()
@@ -234,6 +248,16 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()  # what start-up built lives as long as the process: never scan it again
     gc.set_threshold(100_000, 50, 100)
+
+
+def _check_workers(settings: Settings, workers: int) -> None:
+    if not 1 <= workers <= MAX_WORKERS:
+        raise ConfigError(f"--workers: expected 1-{MAX_WORKERS}, got {workers}")
+    if workers > 1 and not settings.database.url:
+        raise ConfigError(
+            f"--workers {workers}: SQLite is one process's file and its streams are told by that process"
+            " alone; set [database] url (PostgreSQL) to run several workers"
+        )
 
 
 def _apply_overrides(settings: Settings, args: argparse.Namespace) -> Settings:

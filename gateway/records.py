@@ -53,6 +53,14 @@ class StoredEvent:
 TOKEN_LIFETIME = 600.0  # Truecaller access tokens live 10 minutes
 # Token hashes are remembered this long: the token's own life and a margin.
 TOKEN_MEMORY = TOKEN_LIFETIME + 300
+# A stored token's profile fetch belongs to the process that stored (or last took) it for this
+# many seconds, longer than a fetch can last with the default timeouts (4 attempts of 2.5 s
+# and their backoff). Once it passes with the session still pending, that process is presumed
+# dead and another one takes the fetch over (`Store.pending_claims`).
+CLAIM_LEASE = 30.0
+# A webhook the delivery worker took is its own for this long: on a shared database, no other
+# instance sends it meanwhile; the attempt's result sets the real next attempt.
+OUTBOX_LEASE = 60.0
 
 # What storing a Truecaller token callback decided: the first token of a pending session is
 # "stored"; the same session again is a "repeat"; a finished or unknown session is "gone"; a

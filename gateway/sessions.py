@@ -12,6 +12,7 @@ import hashlib
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,9 @@ from gateway.storage.base import Finished, Progressed, Store
 log = logging.getLogger("gateway.sessions")
 
 PROVIDERS = ("truecaller", "veriphone")
+# How many of its own recent event ids a process remembers, to skip their echo from a shared
+# store's feed (it published them itself right after the commit).
+_OWN_EVENTS = 4096
 
 
 def new_session_id() -> str:
@@ -63,6 +67,45 @@ class Sessions:
         # Told the provider when a session's first progress event is stored: its user reached it.
         self.on_reached: Callable[[str], None] | None = None
         self.on_webhook: Callable[[], None] | None = None
+        self._own: OrderedDict[int, None] = OrderedDict()  # recent ids this process published
+        self._reading: set[asyncio.Task[None]] = set()
+        store.watch(self._on_feed, self._on_feed_reset)
+
+    # -- a shared store's feed: events other processes committed -----------------------------
+    def _publish(self, session_id: str, event: Event) -> None:
+        """Publish an event this process committed (and remember it, when others share the store)."""
+        self.broker.publish(session_id, event)
+        if self.store.shared:
+            own = self._own
+            own[event.id] = None
+            if len(own) > _OWN_EVENTS:
+                own.popitem(last=False)
+
+    def _on_feed(self, session_id: str, event_id: int) -> None:
+        """Another process (or this one) committed an event: read it if a stream here waits for it."""
+        if event_id in self._own or not self.broker.has(session_id):
+            return
+        task = asyncio.get_running_loop().create_task(self._read_feed(session_id, event_id))
+        self._reading.add(task)
+        task.add_done_callback(self._reading.discard)
+
+    async def _read_feed(self, session_id: str, event_id: int) -> None:
+        try:
+            event = await self.store.event(session_id, event_id)
+        except Exception:
+            # The streams of this session miss it: end them, they reconnect and catch up.
+            log.warning("could not read an event another instance committed", exc_info=True)
+            for sub in self.broker.subscribers(session_id):
+                sub.close("feed")
+            return
+        if event is not None:
+            self.broker.publish(session_id, stored_event(event))
+
+    def _on_feed_reset(self) -> None:
+        """The feed was lost and is back: what it missed is in the database, so every stream
+        here ends and its browser reconnects with Last-Event-ID and catches up."""
+        log.warning("event feed reconnected: closing open streams so they catch up")
+        self.broker.close_current("feed")
 
     async def create(
         self,
@@ -142,7 +185,7 @@ class Sessions:
         data = {"stage": stage}
         done = await self.store.progress(session_id, data, now=self.clock(), expires_at=expires_at, claim=claim)
         if done.event_id is not None:
-            self.broker.publish(session_id, _event(done.event_id, "progress", data))
+            self._publish(session_id, _event(done.event_id, "progress", data))
             self._reached(done)
         return done
 
@@ -150,17 +193,26 @@ class Sessions:
         if done.first and done.provider is not None and self.on_reached is not None:
             self.on_reached(done.provider)
 
-    async def finish(self, session_id: str, outcome: Outcome, *, release_claim: bool = False) -> bool:
+    async def finish(
+        self, session_id: str, outcome: Outcome, *, release_claim: bool = False, unless_claimed: bool = False
+    ) -> bool:
         """Move a pending session to its terminal outcome; False if another writer got there first.
 
         `release_claim` drops the session's stored Truecaller token in the same commit,
-        whoever wins. Runs to completion (write and publish) even if the caller is cancelled.
+        whoever wins; `unless_claimed` stores nothing if a token is stored (its fetch decides,
+        whichever process runs it). Runs to completion (write and publish) even if the caller
+        is cancelled.
         """
-        return await asyncio.shield(self._finish(session_id, outcome, release_claim))
+        return await asyncio.shield(self._finish(session_id, outcome, release_claim, unless_claimed))
 
-    async def _finish(self, session_id: str, outcome: Outcome, release_claim: bool) -> bool:
+    async def _finish(self, session_id: str, outcome: Outcome, release_claim: bool, unless_claimed: bool) -> bool:
         finished = await self.store.finish(
-            session_id, outcome, now=self.clock(), release_claim=release_claim, webhook=self.webhook_event
+            session_id,
+            outcome,
+            now=self.clock(),
+            release_claim=release_claim,
+            webhook=self.webhook_event,
+            unless_claimed=unless_claimed,
         )
         return self._finished(session_id, outcome, finished)
 
@@ -194,7 +246,7 @@ class Sessions:
             webhook=self.webhook_event,
         )
         if progressed.event_id is not None:
-            self.broker.publish(session_id, _event(progressed.event_id, "progress", data))
+            self._publish(session_id, _event(progressed.event_id, "progress", data))
             self._reached(progressed)
             self._finished(session_id, outcome, finished)
         return progressed
@@ -204,7 +256,7 @@ class Sessions:
         if finished is None:
             return False
         body = finished.body
-        self.broker.publish(session_id, _event(finished.event_id, "outcome", body))
+        self._publish(session_id, _event(finished.event_id, "outcome", body))
         if self.on_outcome is not None:
             self.on_outcome(body["provider"], outcome.status, outcome.reason)
         if self.webhook_event is not None and self.on_webhook is not None:

@@ -165,7 +165,7 @@ async def test_cors_only_for_configured_origins(gw: Running) -> None:
 async def test_health_and_readiness(gw: Running) -> None:
     async with gw.client() as c:
         assert (await c.get("/healthz")).json() == {"status": "ok"}
-        assert (await c.get("/readyz")).json() == {"status": "ready"}
+        assert (await c.get("/readyz")).json() == {"status": "ready", "database": "ok"}
 
 
 async def test_concurrent_creates_all_persist(gw: Running, db_path: Path) -> None:

@@ -29,11 +29,11 @@ from gateway.providers.veriphone.fake import FakeVeriphoneState
 from gateway.sandbox import (
     DEFAULT_TRUECALLER_PHONE,
     apply_sandbox,
-    bind_socket,
     loopback_base,
     parse_deeplink,
 )
 from gateway.web.demo import SANDBOX_HOOK
+from gateway.workers import bind
 from tests.utils import RawStream, Running, make_settings, parse_sse, run_gateway, run_sandbox_gateway, to_toml
 
 pytestmark = pytest.mark.timeout(20)
@@ -173,7 +173,7 @@ def test_loopback_base(host: str, expected: str) -> None:
 
 
 def test_bind_socket_reports_the_real_port() -> None:
-    sock = bind_socket("127.0.0.1", 0)
+    sock = bind("127.0.0.1", 0)
     try:
         host, port = sock.getsockname()[:2]
         assert host == "127.0.0.1" and port > 0

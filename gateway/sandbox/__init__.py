@@ -28,7 +28,6 @@ import json
 import logging
 import re
 import secrets
-import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
@@ -105,22 +104,6 @@ _NAME = re.compile(r"[^\x00-\x1f<>]{0,40}")
 # --- settings ----------------------------------------------------------------------------
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """Bind (not yet listen) the server socket the way uvicorn would, so its real port is known now."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, kind, proto, _, address = infos[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio does for uvicorn
-        sock.bind(address)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
 def loopback_base(host: str, port: int) -> str:
     """`http://host:port` by which the gateway reaches itself; a wildcard address becomes loopback."""
     try:
@@ -141,7 +124,9 @@ def apply_sandbox(settings: Settings, address: tuple[str, int] | None = None) ->
     """
     host, port = address if address is not None else (settings.server.host, settings.server.port)
     if port == 0:
-        raise ConfigError("--sandbox: the fake providers need the real port; bind the socket first (bind_socket)")
+        raise ConfigError(
+            "--sandbox: the fake providers need the real port; bind the socket first (gateway.workers.bind)"
+        )
     base = loopback_base(host, port)
     authority = urlsplit(base).netloc
     tc = settings.providers.truecaller

@@ -33,7 +33,7 @@ from gateway.providers.truecaller.decode import (
 )
 from gateway.providers.truecaller.endpoint_guard import CheckedEndpoint, Resolver, check_endpoint
 from gateway.providers.truecaller.profile_client import ProfileClient
-from gateway.records import TOKEN_LIFETIME, ClaimResult, Session, TokenClaim
+from gateway.records import CLAIM_LEASE, TOKEN_LIFETIME, ClaimResult, Session, TokenClaim
 from gateway.sessions import public_ref
 
 log = logging.getLogger("gateway.truecaller")
@@ -114,7 +114,21 @@ class Truecaller:
 
     async def startup(self) -> None:
         """Resume profile fetches a stop or crash interrupted; drop rows of finished sessions."""
-        claims = await self.store.pending_claims()
+        await self._take_over()
+
+    async def run(self) -> None:
+        """On a shared database: take over, every third of a lease, the fetches of dead instances."""
+        if not self.store.shared:
+            return  # one process: startup took over everything there was
+        while True:
+            await asyncio.sleep(CLAIM_LEASE / 3)
+            try:
+                await self._take_over()
+            except Exception:
+                log.warning("taking over interrupted truecaller fetches failed; will retry", exc_info=True)
+
+    async def _take_over(self) -> None:
+        claims = await self.store.pending_claims(self.sessions.clock())
         if claims:
             log.info("resuming interrupted truecaller profile fetches", extra={"count": len(claims)})
         for c in claims:
@@ -140,7 +154,8 @@ class Truecaller:
         if status == FLOW_INVOKED:
             await self.sessions.progress(session.id, FLOW_INVOKED)
         elif status in REJECTIONS:
-            await self.sessions.finish(session.id, Outcome(REJECTED, status))
+            # Conditional in the same transaction: a token stored meanwhile (by any instance) wins.
+            await self.sessions.finish(session.id, Outcome(REJECTED, status), unless_claimed=True)
         else:
             log.info("truecaller status callback not handled", extra={"session": ref, "status": shown})
             return "ignored"
@@ -168,7 +183,10 @@ class Truecaller:
         # The profile is fetched at once, before the token is durable (a delivery sooner by
         # the fetch's round trip), unless a fetch already runs for the session or the token
         # is known to belong to another one, so a replay causes no request.
-        speculative = sid not in self._fetching and owner in (None, sid)
+        # On a shared database another instance may hold a callback of the same session that
+        # this process cannot wait for: there the token is stored first, and only the callback
+        # whose claim is stored fetches (one fetch per token across instances).
+        speculative = not self.store.shared and sid not in self._fetching and owner in (None, sid)
         decided: asyncio.Future[ClaimResult] = asyncio.get_running_loop().create_future()
         if speculative:  # before anything else runs: a callback read in the same pass waits for this one
             self._fetching.add(sid)

@@ -143,3 +143,6 @@ class Veriphone:
 
     async def startup(self) -> None:
         return None
+
+    async def run(self) -> None:
+        return None
