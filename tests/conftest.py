@@ -1,12 +1,15 @@
-"""Shared fixtures: a database path in a temp dir and a running gateway on a free port."""
+"""Shared fixtures: a database path in a temp dir, a running gateway on a free port, and a Store
+of each backend (SQLite in a temp file, PostgreSQL in a fresh database of a per-worker cluster)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from gateway.storage.base import Store
+from tests.pg import Cluster, require_bin_dir, start_cluster
 from tests.utils import Running, make_settings, run_gateway
 
 
@@ -23,3 +26,65 @@ async def gw(db_path: Path) -> AsyncIterator[Running]:
     )
     async with run_gateway(settings) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Cluster]:
+    """This worker's PostgreSQL (started on first use, about a second); never stopped by a test."""
+    cluster = start_cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+async def pg_dsn(pg_cluster: Cluster) -> AsyncIterator[str]:
+    """A fresh database with the migrations applied (a copy of the cluster's template)."""
+    dsn = await pg_cluster.create_database()
+    try:
+        yield dsn
+    finally:
+        await pg_cluster.drop_database(dsn)
+
+
+@pytest.fixture
+def own_pg_cluster() -> Iterator[Cluster]:
+    """A cluster of this test's own, for a test that stops or restarts the server."""
+    cluster = Cluster(require_bin_dir())
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> Cluster | None:
+    """Which Store the test runs on: None for SQLite, else the PostgreSQL cluster."""
+    if request.param == "postgresql":
+        cluster: Cluster = request.getfixturevalue("pg_cluster")
+        return cluster
+    return None
+
+
+@pytest.fixture
+async def store(backend: Cluster | None, tmp_path: Path) -> AsyncIterator[Store]:
+    """An opened Store of each backend: the same test runs against SQLite and PostgreSQL."""
+    from gateway.storage.postgres import PgStore
+    from gateway.storage.sqlite import SqliteStore
+
+    opened: Store
+    dsn = None
+    if backend is None:
+        opened = SqliteStore(str(tmp_path / "store.db"))
+    else:
+        dsn = await backend.create_database()
+        opened = PgStore(dsn, min_size=1, max_size=10)
+    await opened.open()
+    try:
+        yield opened
+    finally:
+        await opened.close()
+        if backend is not None and dsn is not None:
+            await backend.drop_database(dsn)

@@ -53,8 +53,10 @@ def pyz(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_artifact_holds_the_package_data_and_runs_as_a_program(pyz: Path) -> None:
     with zipfile.ZipFile(pyz) as archive:
         names = set(archive.namelist())
-    packaged = {n.rsplit("/", 1)[1] for n in names if n.startswith("site-packages/gateway/migrations/")}
-    assert packaged == {p.name for p in (ROOT / "migrations").glob("*.sql")}
+    prefix = "site-packages/gateway/migrations/"
+    packaged = {n.removeprefix(prefix) for n in names if n.startswith(prefix) and not n.endswith("/")}
+    shipped = {p.relative_to(ROOT / "migrations").as_posix() for p in (ROOT / "migrations").rglob("*.sql")}
+    assert packaged == shipped and any(name.startswith("postgresql/") for name in shipped)
     static = {n.rsplit("/", 1)[1] for n in names if n.startswith("site-packages/gateway/static/")}
     assert static == {p.name for p in (ROOT / "gateway" / "static").iterdir() if p.is_file()}
     assert "site-packages/gateway/cli.py" in names
