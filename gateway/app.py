@@ -20,9 +20,11 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
+from gateway.auth import Auth
 from gateway.broker import Broker
 from gateway.clientip import parse_networks
 from gateway.config import Settings
+from gateway.disk import DiskCap
 from gateway.errors import ApiError
 from gateway.memory import MemoryReleaser
 from gateway.metrics import Metrics
@@ -55,7 +57,18 @@ def build_gateway(settings: Settings) -> tuple[Gateway, list[BaseRoute]]:
     sessions.on_outcome = metrics.outcome
     sessions.on_reached = metrics.reached_provider
     background = Background()
-    starter = Starter(sessions, metrics)
+    auth = settings.auth
+    starter = Starter(
+        sessions,
+        metrics,
+        Auth(
+            require=auth.require,
+            api_keys=auth.api_keys,
+            ticket_secrets=auth.ticket_secrets,
+            ticket_max_age=auth.ticket_max_age,
+        ),
+        DiskCap(store, settings.database.max_size_mb * 2**20, metrics),
+    )
     http = httpx.AsyncClient(follow_redirects=False, trust_env=False)
     gw = Gateway(
         settings=settings,
@@ -65,7 +78,7 @@ def build_gateway(settings: Settings) -> tuple[Gateway, list[BaseRoute]]:
         metrics=metrics,
         background=background,
         starter=starter,
-        retention=Retention(store, settings.sessions.retention, clock=sessions.clock),
+        retention=Retention(store, settings.sessions.retention, clock=sessions.clock, keep=settings.sessions.keep),
         memory=MemoryReleaser(broker),
         http=http,
         trusted_proxies=parse_networks(settings.server.trusted_proxies),
@@ -101,6 +114,8 @@ _OPENAPI = openapi.encoded()
 async def _metrics(request: Request) -> Response:
     gw = gateway_of(request)
     gw.metrics.open_streams.set(gw.broker.count())
+    if gw.starter.disk is not None:
+        await gw.starter.disk.measure()  # sets gateway_database_bytes
     return Response(gw.metrics.render(), media_type=gw.metrics.content_type)
 
 
@@ -136,7 +151,7 @@ def create_app(settings: Settings) -> Starlette:
             CORSMiddleware,
             allow_origins=list(settings.server.cors_allow_origins),
             allow_methods=["GET", "POST"],
-            allow_headers=["content-type", "last-event-id", "idempotency-key"],
+            allow_headers=["content-type", "last-event-id", "idempotency-key", "authorization"],
             max_age=600,
         ),
     ]

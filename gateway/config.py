@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from gateway.auth import MIN_SECRET_LENGTH, split_secrets, strong_enough
 from gateway.errors import ConfigError
 
 ENV_CONFIG = "GATEWAY_CONFIG"
@@ -69,12 +70,18 @@ class ServerConfig:
 class DatabaseConfig:
     path: str = "gateway.db"
     busy_timeout: int = 5000  # milliseconds
+    # New sessions are refused (503 storage_full) while the database holds more than this
+    # many MiB (SQLite: pages in use plus the WAL). 0: no cap.
+    max_size_mb: int = 1024
 
 
 @dataclass(frozen=True)
 class SessionsConfig:
     ttl: int = 120
     retention: int = 900
+    # Seconds after completion before a session's row and events are deleted (its personal
+    # data went at `retention`); `gateway stats` counts what is still kept. 0: keep forever.
+    keep: int = 604_800
 
 
 @dataclass(frozen=True)
@@ -164,6 +171,20 @@ class WebhooksConfig:
     secrets: tuple[str, ...] = field(default=(), repr=False, metadata={"env": WEBHOOK_SECRET_ENV})
 
 
+AUTH_KEYS_ENV = "GATEWAY_API_KEYS"
+TICKET_SECRET_ENV = "GATEWAY_TICKET_SECRET"  # noqa: S105 - the variable's name, not a secret
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    # Anonymous POST /v1/sessions is refused (401) unless it has an API key or a start ticket.
+    require: bool = False
+    ticket_max_age: int = 600  # seconds a start ticket's expiry may lie ahead, at most
+    # Only from the environment, several separated by spaces or commas (rotation).
+    api_keys: tuple[str, ...] = field(default=(), repr=False, metadata={"env": AUTH_KEYS_ENV})
+    ticket_secrets: tuple[str, ...] = field(default=(), repr=False, metadata={"env": TICKET_SECRET_ENV})
+
+
 @dataclass(frozen=True)
 class Settings:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -174,6 +195,7 @@ class Settings:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     providers: ProvidersConfig = field(default_factory=ProvidersConfig)
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     source: str = "<defaults>"
     sandbox: bool = False
 
@@ -208,6 +230,14 @@ def settings_from_dict(
     secrets = tuple(env.get(WEBHOOK_SECRET_ENV, "").split())
     settings = dataclasses.replace(
         settings, source=source, webhooks=dataclasses.replace(settings.webhooks, secrets=secrets)
+    )
+    settings = dataclasses.replace(
+        settings,
+        auth=dataclasses.replace(
+            settings.auth,
+            api_keys=split_secrets(env.get(AUTH_KEYS_ENV, "")),
+            ticket_secrets=split_secrets(env.get(TICKET_SECRET_ENV, "")),
+        ),
     )
     _check(settings)
     return settings
@@ -315,6 +345,24 @@ def _check(s: Settings) -> None:
         ),
         ("sessions.ttl", 1 <= s.sessions.ttl <= 86_400, "seconds from 1 to 86400", s.sessions.ttl),
         (
+            "sessions.keep",
+            s.sessions.keep == 0 or s.sessions.retention <= s.sessions.keep <= 315_360_000,
+            f"0 (keep forever) or seconds from sessions.retention ({s.sessions.retention}) to 315360000",
+            s.sessions.keep,
+        ),
+        (
+            "database.max_size_mb",
+            0 <= s.database.max_size_mb <= 16_777_216,
+            "MiB from 0 (no cap) to 16777216",
+            s.database.max_size_mb,
+        ),
+        (
+            "auth.ticket_max_age",
+            1 <= s.auth.ticket_max_age <= 86_400,
+            "seconds from 1 to 86400",
+            s.auth.ticket_max_age,
+        ),
+        (
             "sessions.retention",
             0 <= s.sessions.retention <= 31_536_000,
             "seconds from 0 to 31536000",
@@ -419,6 +467,19 @@ def _check(s: Settings) -> None:
         if not ok:
             raise ConfigError(f"{src}: {key}: expected {expected}, got {got!r}")
     # The secrets are never echoed, not even in an error.
+    for var, values in ((AUTH_KEYS_ENV, s.auth.api_keys), (TICKET_SECRET_ENV, s.auth.ticket_secrets)):
+        for number, value in enumerate(values, 1):
+            if not strong_enough(value):
+                raise ConfigError(
+                    f"{var}: value {number} of {len(values)} is too short or too regular: use at least"
+                    f" {MIN_SECRET_LENGTH} random characters, e.g. python -c 'import secrets;"
+                    " print(secrets.token_urlsafe(32))'"
+                )
+    if s.auth.require and not (s.auth.api_keys or s.auth.ticket_secrets):
+        raise ConfigError(
+            f"{src}: auth.require is true, but neither {AUTH_KEYS_ENV} nor {TICKET_SECRET_ENV} is set:"
+            " nobody could start a session"
+        )
     if wh.url and not wh.secrets:
         raise ConfigError(f"{src}: webhooks.url is set, but {WEBHOOK_SECRET_ENV} is not (whsec_<base64>)")
     for number, secret in enumerate(wh.secrets, 1):

@@ -5,14 +5,20 @@ GatewayError                 every error a caller or operator can be told about
 ├── StorageError             the database failed (translated where sqlite raises)
 └── ApiError                 maps to an HTTP answer: status + stable snake_case code
     ├── BadRequest           400, the caller's request is malformed
+    ├── Unauthorized         401, no, a wrong or a used credential (WWW-Authenticate: Bearer)
     ├── NotFound             404
     ├── Conflict             409
+    ├── RequestTimeout       408, the request body did not arrive within limits.body_timeout
     ├── PayloadTooLarge      413
     ├── UnsupportedMedia     415
+    ├── TooManyRequests      429, an abuse limit (gateway/limits.py); Retry-After says when to retry
+    ├── Unavailable          503, stopping or the database is full; the caller may retry
     └── ProviderFailure      502, the provider refused or is unreachable
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 
 class GatewayError(Exception):
@@ -30,10 +36,11 @@ class StorageError(GatewayError):
 class ApiError(GatewayError):
     status_code = 400
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.headers = dict(headers or {})  # sent with the answer, e.g. Retry-After
 
     def to_json(self) -> dict[str, dict[str, str]]:
         return {"error": {"code": self.code, "message": self.message}}
@@ -41,6 +48,15 @@ class ApiError(GatewayError):
 
 class BadRequest(ApiError):
     status_code = 400
+
+
+class Unauthorized(ApiError):
+    """401: the request carries no credential where one is required, or a wrong or used one."""
+
+    status_code = 401
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(code, message, {"www-authenticate": "Bearer"})
 
 
 class NotFound(ApiError):
@@ -51,12 +67,20 @@ class Conflict(ApiError):
     status_code = 409
 
 
+class RequestTimeout(ApiError):
+    status_code = 408
+
+
 class PayloadTooLarge(ApiError):
     status_code = 413
 
 
 class UnsupportedMedia(ApiError):
     status_code = 415
+
+
+class TooManyRequests(ApiError):
+    status_code = 429
 
 
 class Unavailable(ApiError):

@@ -8,6 +8,7 @@ Exported (the `_total` / `_bucket` suffixes are added by the exposition format):
   gateway_provider_fetch_seconds{provider,operation}   Truecaller profile / Veriph.One result fetches
   gateway_provider_errors_total{provider,kind}         failed provider calls
   gateway_db_write_seconds                             Database.on_write_seconds (queue → durable commit)
+  gateway_database_bytes                               disk.DiskCap (pages in use + WAL; for database.max_size_mb)
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ class Metrics:
             registry=r,
         )
         self.webhook_attempts = Counter("gateway_webhook_attempts", "Webhook HTTP attempts made", registry=r)
+        self.database_bytes = Gauge(
+            "gateway_database_bytes", "Bytes the database holds, measured at most once a second", registry=r
+        )
         self.webhook_oldest_pending = Gauge(
             "gateway_webhook_oldest_pending_seconds", "Age of the oldest undelivered webhook (0: none)", registry=r
         )

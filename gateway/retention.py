@@ -5,6 +5,10 @@ status flags. What goes: the phone number, user_ref and provider data of the ses
 and the outcome's phone, profile and user_ref, both in the row and in the stored `outcome`
 event a reconnecting stream would replay. `purged_at` records when. Webhooks that were
 delivered or failed are deleted after the same delay (pending ones wait for `max_age`).
+
+`sessions.keep` seconds after completion the scrubbed row itself goes, with its events, so a
+flood of abandoned sessions cannot grow the database forever: the space is reused. Used
+start tickets are forgotten when they expire.
 """
 
 from __future__ import annotations
@@ -31,10 +35,16 @@ class Retention:
     """Purges personal data of sessions completed more than `retention` seconds ago."""
 
     def __init__(
-        self, store: Store, retention: float, clock: Callable[[], float] = time.time, batch: int = BATCH
+        self,
+        store: Store,
+        retention: float,
+        clock: Callable[[], float] = time.time,
+        batch: int = BATCH,
+        keep: float = 0,
     ) -> None:
         self.store = store
         self.retention = retention
+        self.keep = keep  # seconds after completion before a session is deleted; 0: never
         self.clock = clock
         self.batch = batch
         self.interval = purge_interval(retention)
@@ -52,6 +62,16 @@ class Retention:
         while await self.store.outbox_prune(cutoff=self.clock() - self.retention, limit=self.batch) == self.batch:
             pass
         await self.store.prune_idempotency(self.clock())  # a key lives as long as its session may be pending
+        await self.store.prune_tickets(self.clock())  # an expired ticket is refused anyway
+        if self.keep > 0:
+            deleted = 0
+            while True:
+                done = await self.store.delete_finished(cutoff=self.clock() - self.keep, limit=self.batch)
+                deleted += done
+                if done < self.batch:
+                    break
+            if deleted:
+                log.info("deleted old finished sessions", extra={"sessions": deleted})
         if total:
             log.info("purged personal data of finished sessions", extra={"sessions": total})
         return total

@@ -17,7 +17,9 @@ from collections.abc import Callable
 from typing import Any
 
 from gateway import sse
+from gateway.auth import Admitted
 from gateway.broker import Broker, Event
+from gateway.errors import Unauthorized
 from gateway.outcome import EXPIRED, PENDING, Outcome
 from gateway.records import Idempotency, Session, StoredEvent, TokenClaim, WebhookEvent
 from gateway.storage.base import Finished, Progressed, Store
@@ -118,8 +120,13 @@ class Sessions:
         provider_ref: str | None = None,
         provider_data: dict[str, Any] | None = None,
         idempotency: Callable[[Session], Idempotency] | None = None,
+        ticket: Admitted | None = None,
     ) -> Session:
-        """Store a new pending session; `idempotency` makes the key record stored with it."""
+        """Store a new pending session; `idempotency` makes the key record stored with it.
+
+        With a start `ticket`, its hash is stored in the same transaction; a ticket that has
+        started a session already is a 401 and nothing is stored.
+        """
         now = self.clock()
         session = Session(
             id=session_id,
@@ -136,7 +143,8 @@ class Sessions:
             expires_at=now + ttl,
             completed_at=None,
         )
-        await self.store.create(session, idempotency(session) if idempotency else None)
+        if not await self.store.create(session, idempotency(session) if idempotency else None, ticket):
+            raise Unauthorized("unauthorized", "this start ticket has been used already")
         if session.expires_at < self._next_expiry_pass:
             self.expiry_wakeup.set()
         return session

@@ -11,7 +11,9 @@ from typing import Any
 
 import phonenumbers
 
-from gateway.errors import BadRequest, Conflict
+from gateway.auth import ANONYMOUS, Admitted, Auth, Credential
+from gateway.disk import DiskCap
+from gateway.errors import BadRequest, Conflict, Unauthorized
 from gateway.metrics import Metrics
 from gateway.providers.base import Client, Prepared, Provider
 from gateway.records import Idempotency, Session
@@ -58,9 +60,13 @@ def parse_user_ref(value: object) -> str | None:
 class Starter:
     """Creates sessions through the enabled providers (the app factory fills `providers`)."""
 
-    def __init__(self, sessions: Sessions, metrics: Metrics) -> None:
+    def __init__(
+        self, sessions: Sessions, metrics: Metrics, auth: Auth | None = None, disk: DiskCap | None = None
+    ) -> None:
         self.sessions = sessions
         self.metrics = metrics
+        self.auth = auth or Auth()  # who may start a session ([auth]; default: anyone)
+        self.disk = disk  # the database.max_size_mb cap
         self.providers: dict[str, Provider] = {}
         self._starting: dict[str, asyncio.Future[None]] = {}  # Idempotency-Keys being started here
         # Told of every new session after it is stored (the sandbox's scripted numbers).
@@ -74,12 +80,22 @@ class Starter:
         client: Client,
         *,
         remember: tuple[str, str] | None = None,
+        credential: Credential = ANONYMOUS,
     ) -> tuple[Session, Prepared]:
-        """Start a session; `remember` = (key hash, body hash) stores its Idempotency-Key with it."""
+        """Start a session; `remember` = (key hash, body hash) stores its Idempotency-Key with it.
+
+        `credential` is what `Auth.identify` made of the request; a ticket is checked against
+        this request's phone and user_ref here and stored (used up) with the session.
+        """
         if provider_name not in PROVIDERS:
             raise BadRequest("invalid_provider", 'provider must be "truecaller" or "veriphone"')
         checked_phone = parse_phone(phone)
         checked_user_ref = parse_user_ref(user_ref)
+        ticket = self._admit(credential, checked_phone, checked_user_ref)
+        if ticket is not None and await self.sessions.store.ticket_used(ticket.hash):
+            raise Unauthorized("unauthorized", "this start ticket has been used already")
+        if self.disk is not None:
+            await self.disk.check()  # before the provider call: a full database stores nothing
         provider = self.providers.get(str(provider_name))
         if provider is None:
             raise Conflict("provider_disabled", f"the {provider_name} provider is disabled in this gateway's config")
@@ -99,25 +115,44 @@ class Starter:
             idempotency=None
             if remember is None
             else lambda s: Idempotency(remember[0], remember[1], created_answer(s, prepared), s.expires_at),
+            ticket=ticket,
         )
         self.metrics.session_created(provider.name)
         for hook in self.on_started:
             hook(session, prepared)
         return session, prepared
 
+    def _admit(self, credential: Credential, phone: str | None, user_ref: str | None) -> Admitted | None:
+        """A ticket checked against the request (all but its single use); None for a key or no credential."""
+        if credential.kind != "ticket":
+            return None
+        return self.auth.admit(credential.ticket, user_ref=user_ref, phone=phone, now=self.sessions.clock())
+
     async def start_once(
-        self, key: str, provider_name: object, phone: object, user_ref: object, client: Client
+        self,
+        key: str,
+        provider_name: object,
+        phone: object,
+        user_ref: object,
+        client: Client,
+        credential: Credential = ANONYMOUS,
     ) -> tuple[dict[str, Any], bool]:
         """Start a session under an Idempotency-Key: (the 201 body, whether it is a replay).
 
         The same key with the same fields within the session's ttl answers the first body
         again, with no provider call; with other fields it is a 409. Concurrent requests
-        with one key wait for the first one instead of calling the provider twice.
+        with one key wait for the first one instead of calling the provider twice. A request
+        with a start ticket is answered again only with the same ticket, still valid: the
+        ticket is part of what the key stands for, and its single use is not a replay's concern.
         """
         if not _IDEMPOTENCY_KEY.fullmatch(key):
             raise BadRequest("invalid_idempotency_key", "Idempotency-Key must be 1 to 255 visible ASCII characters")
         key_hash = hashlib.sha256(b"idempotency\x00" + key.encode()).hexdigest()
-        fields = json.dumps([provider_name, phone, user_ref], separators=(",", ":"), ensure_ascii=False)
+        request: list[object] = [provider_name, phone, user_ref]
+        if credential.kind == "ticket":
+            ticket = self._admit(credential, parse_phone(phone), parse_user_ref(user_ref))
+            request.append(ticket.hash if ticket else None)
+        fields = json.dumps(request, separators=(",", ":"), ensure_ascii=False)
         body_hash = hashlib.sha256(fields.encode()).hexdigest()
         while True:
             stored = await self.sessions.store.idempotent(key_hash, self.sessions.clock())
@@ -135,7 +170,7 @@ class Starter:
         self._starting[key_hash] = done
         try:
             session, prepared = await self.start(
-                provider_name, phone, user_ref, client, remember=(key_hash, body_hash)
+                provider_name, phone, user_ref, client, remember=(key_hash, body_hash), credential=credential
             )
         finally:
             del self._starting[key_hash]

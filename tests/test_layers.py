@@ -33,6 +33,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "gateway.providers.*.decode",
             "gateway.webhooks",
             "gateway.webhooks.signing",
+            "gateway.auth",
         ],
     ),
     (
@@ -57,6 +58,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "gateway.providers.base",
             "gateway.providers.*.service",
             "gateway.webhooks.delivery",
+            "gateway.disk",
         ],
     ),
     ("routes", ["gateway.web", "gateway.web.*", "gateway.providers.*.routes"]),

@@ -29,7 +29,17 @@ from gateway.web.openapi import ERRORS, document
 from tests.utils import free_port, make_settings, to_toml
 
 ROOT = Path(__file__).resolve().parent.parent / "gateway"
-ERROR_CLASSES = {"BadRequest", "NotFound", "Conflict", "PayloadTooLarge", "UnsupportedMedia", "Unavailable"}
+ERROR_CLASSES = {
+    "BadRequest",
+    "Unauthorized",
+    "NotFound",
+    "Conflict",
+    "PayloadTooLarge",
+    "UnsupportedMedia",
+    "Unavailable",
+    "RequestTimeout",
+    "TooManyRequests",
+}
 
 
 def test_the_document_is_valid_openapi_3_1() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from gateway.auth import Admitted
 from gateway.outcome import Outcome
 from gateway.records import (
     ClaimResult,
@@ -57,8 +58,26 @@ class Store(Protocol):
         """Raise StorageError unless the database answers a trivial read."""
 
     # -- sessions ------------------------------------------------------------------------
-    async def create(self, session: Session, idempotency: Idempotency | None = None) -> None:
-        """Insert a new session, and its Idempotency-Key in the same transaction."""
+    async def create(
+        self, session: Session, idempotency: Idempotency | None = None, ticket: Admitted | None = None
+    ) -> bool:
+        """Insert a new session, and its Idempotency-Key and start ticket in the same transaction.
+
+        False, with nothing stored, if the ticket's hash is stored already (a ticket starts one session).
+        """
+
+    async def ticket_used(self, ticket_hash: str) -> bool:
+        """Whether a start ticket with this hash has started a session (before calling a provider)."""
+
+    async def prune_tickets(self, now: float) -> int:
+        """Delete the hashes of start tickets expired at `now`; returns how many."""
+
+    async def database_bytes(self) -> int:
+        """How much the database holds, for the `database.max_size_mb` cap: cheap enough once a second.
+
+        SQLite: pages in use plus the WAL file (free pages are reused before the file grows);
+        PostgreSQL: pg_database_size(current_database()).
+        """
 
     async def idempotent(self, key_hash: str, now: float) -> Idempotency | None:
         """The unexpired start stored under this key, if any."""
@@ -134,6 +153,10 @@ class Store(Protocol):
 
     async def purge_personal_data(self, *, cutoff: float, now: float, limit: int) -> int:
         """Scrub at most `limit` sessions completed at or before `cutoff`; returns how many."""
+
+    async def delete_finished(self, *, cutoff: float, limit: int) -> int:
+        """Delete at most `limit` purged sessions completed at or before `cutoff`, with their events
+        (and idempotency keys, delivered or failed webhooks); a session with a pending webhook stays."""
 
     # -- Truecaller token claims ---------------------------------------------------------
     async def token_owner(self, token_hash: str) -> str | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import queue
 import re
 import sqlite3
@@ -28,6 +29,7 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
+from gateway.auth import Admitted
 from gateway.errors import StorageError
 from gateway.outcome import Outcome, scrub_outcome
 from gateway.records import (
@@ -367,6 +369,20 @@ class Database:
             raise StorageError("database is closed")
         return await asyncio.shield(self._writer.submit(fn))
 
+    def used_bytes(self) -> int:
+        """Pages in use plus the WAL file: what the file needs, since free pages are reused first."""
+        if self.path == ":memory:":
+            return 0
+        rows = self.lookup(
+            "SELECT page_count - freelist_count, page_size FROM pragma_page_count, pragma_freelist_count,"
+            " pragma_page_size"
+        )
+        try:
+            wal = os.stat(self.path + "-wal").st_size
+        except FileNotFoundError:
+            wal = 0
+        return int(rows[0][0]) * int(rows[0][1]) + wal
+
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
         rows = await self.fetchall(sql, params)
         return rows[0] if rows else None
@@ -437,7 +453,9 @@ class SqliteStore:
         await self.db.fetchone("SELECT 1")
 
     # -- sessions ------------------------------------------------------------------------
-    async def create(self, session: Session, idempotency: Idempotency | None = None) -> None:
+    async def create(
+        self, session: Session, idempotency: Idempotency | None = None, ticket: Admitted | None = None
+    ) -> bool:
         row = (
             session.id,
             session.provider,
@@ -450,7 +468,16 @@ class SqliteStore:
             session.expires_at,
         )
 
-        def insert(conn: sqlite3.Connection) -> None:
+        def insert(conn: sqlite3.Connection) -> bool:
+            if ticket is not None:
+                # First, in the same transaction: of two starts with one ticket exactly one stores.
+                used = conn.execute(
+                    "INSERT INTO start_tickets_used (ticket_hash, expires_at) VALUES (?, ?)"
+                    " ON CONFLICT (ticket_hash) DO NOTHING",
+                    (ticket.hash, ticket.expires_at),
+                )
+                if used.rowcount != 1:
+                    return False
             conn.execute(
                 "INSERT INTO sessions (id, provider, status, provider_ref, phone, user_ref, provider_data,"
                 " created_at, updated_at, expires_at) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?)",
@@ -473,8 +500,25 @@ class SqliteStore:
                         idempotency.expires_at,
                     ),
                 )
+            return True
 
-        await self.db.write(insert)
+        return await self.db.write(insert)
+
+    async def ticket_used(self, ticket_hash: str) -> bool:
+        return bool(self.db.lookup("SELECT 1 FROM start_tickets_used WHERE ticket_hash = ?", (ticket_hash,)))
+
+    async def prune_tickets(self, now: float) -> int:
+        due = await self.db.fetchone("SELECT 1 FROM start_tickets_used WHERE expires_at <= ? LIMIT 1", (now,))
+        if due is None:
+            return 0
+
+        def prune(conn: sqlite3.Connection) -> int:
+            return conn.execute("DELETE FROM start_tickets_used WHERE expires_at <= ?", (now,)).rowcount
+
+        return await self.db.write(prune)
+
+    async def database_bytes(self) -> int:
+        return self.db.used_bytes()
 
     async def idempotent(self, key_hash: str, now: float) -> Idempotency | None:
         rows = self.db.lookup(
@@ -694,6 +738,25 @@ class SqliteStore:
             return len(rows)
 
         return await self.db.write(purge)
+
+    async def delete_finished(self, *, cutoff: float, limit: int) -> int:
+        due = await self.db.fetchone(
+            "SELECT 1 FROM sessions WHERE purged_at IS NOT NULL AND completed_at <= ? LIMIT 1", (cutoff,)
+        )
+        if due is None:  # the usual case: no write, no fsync
+            return 0
+
+        def delete(conn: sqlite3.Connection) -> int:
+            # Events, idempotency keys and finished webhooks go with their session (ON DELETE CASCADE).
+            return conn.execute(
+                "DELETE FROM sessions WHERE id IN (SELECT s.id FROM sessions s"
+                " WHERE s.purged_at IS NOT NULL AND s.completed_at <= ? AND NOT EXISTS"
+                " (SELECT 1 FROM webhook_outbox w WHERE w.session_id = s.id AND w.status = 'pending')"
+                " ORDER BY s.completed_at LIMIT ?)",
+                (cutoff, limit),
+            ).rowcount
+
+        return await self.db.write(delete)
 
     # -- Truecaller token claims ---------------------------------------------------------
     async def token_owner(self, token_hash: str) -> str | None:

@@ -24,14 +24,16 @@ CREATE_FIELDS = ("provider", "phone", "user_ref")
 
 async def create_session(request: Request) -> Response:
     gw = gateway_of(request)
+    # Before the body is read: a caller without the credential learns nothing else.
+    credential = gw.starter.auth.identify(request.headers.get("authorization"))
     body = await read_json_object(request, fields=CREATE_FIELDS)
     client = client_of(request, gw.trusted_proxies)
     fields = body.get("provider"), body.get("phone"), body.get("user_ref")
     key = request.headers.get("idempotency-key")
     if key is None:
-        session, prepared = await gw.starter.start(*fields, client)
+        session, prepared = await gw.starter.start(*fields, client, credential=credential)
         return JSONResponse(created_answer(session, prepared), status_code=201, headers={"cache-control": "no-store"})
-    answer, replayed = await gw.starter.start_once(key, *fields, client)
+    answer, replayed = await gw.starter.start_once(key, *fields, client, credential)
     headers = {"cache-control": "no-store"}
     if replayed:
         headers["idempotent-replayed"] = "true"

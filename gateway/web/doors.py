@@ -27,7 +27,7 @@ log = logging.getLogger("gateway")
 
 async def api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return JSONResponse(exc.to_json(), status_code=exc.status_code)
+    return JSONResponse(exc.to_json(), status_code=exc.status_code, headers=exc.headers or None)
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}

@@ -12,6 +12,10 @@ from typing import Any
 
 _SESSION_ID = {"name": "session_id", "in": "path", "required": True, "schema": {"type": "string"}}
 _NO_BODY_CODES = ["invalid_json", "invalid_body"]
+_TICKET = (
+    "A start ticket from the site's backend: v1.<exp>.<base64url HMAC-SHA256 of"
+    ' "v1\\n<exp>\\n<user_ref>\\n<phone>" with a GATEWAY_TICKET_SECRET>, for one start before <exp>.'
+)
 
 # Error codes each route can answer, by status; the test checks them against the source.
 ERRORS: dict[tuple[str, str], dict[int, list[str]]] = {
@@ -24,11 +28,12 @@ ERRORS: dict[tuple[str, str], dict[int, list[str]]] = {
             "invalid_user_ref",
             "invalid_idempotency_key",
         ],
+        401: ["unauthorized"],
         409: ["provider_disabled", "idempotency_key_reused"],
         413: ["body_too_large"],
         415: ["unsupported_media_type"],
         502: ["provider_rejected", "provider_unavailable"],
-        503: ["database_unavailable"],
+        503: ["database_unavailable", "storage_full"],
     },
     ("get", "/v1/sessions/{session_id}"): {
         400: ["invalid_wait"],
@@ -161,6 +166,8 @@ def document() -> dict[str, Any]:
         "/v1/sessions": {
             "post": {
                 "summary": "Start a verification",
+                # Anonymous unless [auth] require = true; a credential that is sent is always checked.
+                "security": [{}, {"apiKey": []}, {"startTicket": []}],
                 "parameters": [
                     {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string"}}
                 ],
@@ -241,6 +248,7 @@ def document() -> dict[str, Any]:
                 "parameters": [
                     {"name": "phone", "in": "query", "schema": {"type": "string"}},
                     {"name": "user_ref", "in": "query", "schema": {"type": "string"}},
+                    {"name": "ticket", "in": "query", "schema": {"type": "string"}, "description": _TICKET},
                 ],
                 "responses": {"307": _redirect("to Veriph.One, or to failure_url with the reason")},
             }
@@ -278,6 +286,21 @@ def document() -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "Phone-verification gateway", "version": "1"},
         "paths": paths,
+        "components": {
+            "securitySchemes": {
+                "apiKey": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "Authorization: Bearer <key>, a key of GATEWAY_API_KEYS (a site's backend)",
+                },
+                "startTicket": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "Authorization",
+                    "description": "Authorization: Ticket <ticket>. " + _TICKET,
+                },
+            }
+        },
     }
 
 

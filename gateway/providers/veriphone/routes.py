@@ -72,13 +72,18 @@ def routes(veriphone: Veriphone, starter: Starter) -> list[BaseRoute]:
     trusted = parse_networks(veriphone.settings.server.trusted_proxies)
 
     async def start_by_link(request: Request) -> Response:
-        """`GET /v1/veriphone/start?phone=&user_ref=`: create a session, send the browser to Veriph.One."""
+        """`GET /v1/veriphone/start?phone=&user_ref=[&ticket=]`: create a session, send the browser to Veriph.One.
+
+        With `auth.require`, the link needs a start ticket (a link cannot carry an API key).
+        """
         try:
+            ticket = _optional(request, "ticket", "unauthorized")
             _, prepared = await starter.start(
                 veriphone.name,
                 phone_from_query(_optional(request, "phone", "invalid_phone")),
                 _optional(request, "user_ref", "invalid_user_ref"),
                 client_of(request, trusted),
+                credential=starter.auth.identify(None if ticket is None else "Ticket " + ticket),
             )
             target = str(prepared.public["redirect_url"])
         except ApiError as exc:
