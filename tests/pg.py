@@ -63,6 +63,8 @@ class Cluster:
         self.data = self.root / "data"
         self.port = 0
         self.startup_seconds = 0.0  # initdb, start and the template: what the first test of a worker waits
+        self._background = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pg-databases")
+        self._spare: concurrent.futures.Future[str] | None = None
         self._as_postgres = os.geteuid() == 0
         if self._as_postgres:
             shutil.chown(self.root, "postgres", "postgres")
@@ -106,6 +108,7 @@ class Cluster:
         self.start()
 
     def destroy(self) -> None:
+        self._background.shutdown(wait=True, cancel_futures=True)
         try:
             if (self.data / "postmaster.pid").exists():
                 self.stop()
@@ -116,22 +119,39 @@ class Cluster:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
     async def create_database(self, template: str = TEMPLATE) -> str:
-        """A new, empty database (`template0`) or a copy of the migrated template; its DSN."""
-        name = "t_" + secrets.token_hex(6)
-        conn = await asyncpg.connect(self.dsn(), timeout=10)
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
-        finally:
-            await conn.close()
-        return self.dsn(name)
+        """A new, empty database (`template0`) or a copy of the migrated template; its DSN.
+
+        The next test's copy is made now, in the background, while this test runs.
+        """
+        if template == TEMPLATE:
+            ready = self._spare or self._background.submit(self._create, TEMPLATE)
+            self._spare = self._background.submit(self._create, TEMPLATE)
+        else:
+            ready = self._background.submit(self._create, template)
+        return self.dsn(await asyncio.wrap_future(ready))
 
     async def drop_database(self, dsn: str) -> None:
-        name = dsn.rsplit("/", 1)[1]
-        conn = await asyncpg.connect(self.dsn(), timeout=10)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
+        """Drop it in the background: nothing waits for a test's database to go."""
+        self._background.submit(self._admin, f'DROP DATABASE IF EXISTS "{dsn.rsplit("/", 1)[1]}" WITH (FORCE)')
+
+    def _create(self, template: str) -> str:
+        name = "t_" + secrets.token_hex(6)
+        # FILE_COPY: a checkpoint (cheap, with fsync off) and a copy of the files, 20-30 ms;
+        # WAL_LOG, the default, writes every page to the WAL: 0.2-0.5 s.
+        self._admin(f'CREATE DATABASE "{name}" TEMPLATE "{template}" STRATEGY FILE_COPY')
+        return name
+
+    def _admin(self, statement: str) -> None:
+        """One statement on the `postgres` database, from the background thread (its own event loop)."""
+
+        async def run() -> None:
+            conn = await asyncpg.connect(self.dsn(), timeout=10)
+            try:
+                await conn.execute(statement)
+            finally:
+                await conn.close()
+
+        asyncio.run(run())
 
 
 def start_cluster() -> Cluster:
@@ -143,17 +163,12 @@ def start_cluster() -> Cluster:
     try:
         cluster.start()
 
-        async def template() -> None:
-            conn = await asyncpg.connect(cluster.dsn(), timeout=10)
-            try:
-                await conn.execute(f'CREATE DATABASE "{TEMPLATE}" TEMPLATE template0')
-            finally:
-                await conn.close()
-            await apply_migrations(cluster.dsn(TEMPLATE))
+        def template() -> None:
+            cluster._admin(f'CREATE DATABASE "{TEMPLATE}" TEMPLATE template0')
+            asyncio.run(apply_migrations(cluster.dsn(TEMPLATE)))
 
-        # On a thread of its own: this may be called while a test's event loop runs.
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            pool.submit(asyncio.run, template()).result(timeout=60)
+        # On the background thread: this may be called while a test's event loop runs.
+        cluster._background.submit(template).result(timeout=60)
     except BaseException:
         cluster.destroy()
         raise

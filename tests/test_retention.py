@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +13,8 @@ from gateway.broker import Broker
 from gateway.outcome import REJECTED, VERIFIED, Outcome, scrub_outcome
 from gateway.retention import Retention, purge_interval
 from gateway.sessions import Sessions
-from gateway.storage.sqlite import SqliteStore
+from gateway.storage.base import Store
+from tests.pg import sql_rows
 from tests.utils import make_settings, run_gateway
 
 PHONE = "+919876543210"
@@ -37,17 +36,13 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-async def db(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    database = SqliteStore(str(tmp_path / "retention.db"))
-    await database.open()
-    try:
-        yield database
-    finally:
-        await database.close()
+def db(store: Store) -> Store:
+    """The store of each backend (tests/conftest.py)."""
+    return store
 
 
 @pytest.fixture
-def sessions(db: SqliteStore, clock: Clock) -> Sessions:
+def sessions(db: Store, clock: Clock) -> Sessions:
     return Sessions(db, Broker(), clock=clock)
 
 
@@ -65,31 +60,27 @@ async def _finished(sessions: Sessions, session_id: str, outcome: Outcome | None
     await sessions.finish(session_id, outcome or Outcome(VERIFIED, phone=PHONE, profile=dict(PROFILE)))
 
 
-def _row(db: SqliteStore, session_id: str) -> dict[str, Any]:
-    with sqlite3.connect(db.db.path) as conn:
-        conn.row_factory = sqlite3.Row
-        row = conn.execute("SELECT * FROM sessions WHERE id = ?", (session_id,)).fetchone()
-        events = conn.execute(
-            "SELECT kind, data FROM session_events WHERE session_id = ? ORDER BY id", (session_id,)
-        ).fetchall()
-    return {**dict(row), "events": [(e["kind"], json.loads(e["data"])) for e in events]}
+async def _row(db: Store, session_id: str) -> dict[str, Any]:
+    [row] = await sql_rows(db, "SELECT * FROM sessions WHERE id = ?", session_id)
+    events = await sql_rows(db, "SELECT kind, data FROM session_events WHERE session_id = ? ORDER BY id", session_id)
+    return {**row, "events": [(e["kind"], json.loads(e["data"])) for e in events]}
 
 
 async def test_personal_data_is_purged_once_retention_has_passed(
-    db: SqliteStore, sessions: Sessions, clock: Clock
+    db: Store, sessions: Sessions, clock: Clock
 ) -> None:
     retention = Retention(db, 100, clock=clock)
     await _finished(sessions, "s" * 22)
-    before = _row(db, "s" * 22)
+    before = await _row(db, "s" * 22)
     completed_at = before["completed_at"]
 
     clock.now = completed_at + 99
     assert await retention.purge_once() == 0
-    assert _row(db, "s" * 22)["phone"] == PHONE
+    assert (await _row(db, "s" * 22))["phone"] == PHONE
 
     clock.now = completed_at + 100
     assert await retention.purge_once() == 1
-    after = _row(db, "s" * 22)
+    after = await _row(db, "s" * 22)
     assert after["phone"] is None
     assert after["user_ref"] is None
     assert after["provider_data"] is None
@@ -109,32 +100,38 @@ async def test_personal_data_is_purged_once_retention_has_passed(
     assert session is not None and session.terminal and session.outcome == outcome
 
 
-async def test_pending_and_recent_sessions_are_kept(db: SqliteStore, sessions: Sessions, clock: Clock) -> None:
+async def test_pending_and_recent_sessions_are_kept(db: Store, sessions: Sessions, clock: Clock) -> None:
     retention = Retention(db, 100, clock=clock)
     await sessions.create(session_id="p" * 22, provider="truecaller", ttl=10_000, phone=PHONE, user_ref=USER_REF)
     await _finished(sessions, "o" * 22, Outcome(REJECTED, "user_rejected"))
     clock.now += 150
     await _finished(sessions, "r" * 22)  # completed only now
     assert await retention.purge_once() == 1
-    assert _row(db, "o" * 22)["purged_at"] is not None
-    assert _row(db, "r" * 22)["phone"] == PHONE
-    pending = _row(db, "p" * 22)
+    assert (await _row(db, "o" * 22))["purged_at"] is not None
+    assert (await _row(db, "r" * 22))["phone"] == PHONE
+    pending = await _row(db, "p" * 22)
     assert (pending["status"], pending["phone"], pending["purged_at"]) == ("pending", PHONE, None)
 
 
 async def test_a_pass_works_in_batches_and_purges_each_session_once(
-    db: SqliteStore, sessions: Sessions, clock: Clock
+    db: Store, sessions: Sessions, clock: Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     retention = Retention(db, 0, clock=clock, batch=2)
     for i in range(5):
         await _finished(sessions, f"batch-session-{i:08d}")
-    commits = db.db.commits
+    purge, batches = db.purge_personal_data, []
+
+    async def counted(**kw: Any) -> int:
+        batches.append(await purge(**kw))
+        return batches[-1]
+
+    monkeypatch.setattr(db, "purge_personal_data", counted)
     assert await retention.purge_once() == 5
-    assert db.db.commits - commits == 3  # 2 + 2 + 1
-    first = [_row(db, f"batch-session-{i:08d}")["purged_at"] for i in range(5)]
+    assert batches == [2, 2, 1]  # one transaction each
+    first = [(await _row(db, f"batch-session-{i:08d}"))["purged_at"] for i in range(5)]
     clock.now += 1000
     assert await retention.purge_once() == 0
-    assert [_row(db, f"batch-session-{i:08d}")["purged_at"] for i in range(5)] == first
+    assert [(await _row(db, f"batch-session-{i:08d}"))["purged_at"] for i in range(5)] == first
 
 
 def test_scrub_outcome_keeps_everything_but_personal_fields() -> None:
@@ -159,7 +156,7 @@ def test_interval_is_half_the_retention_capped_at_a_minute(retention: float, int
 
 
 async def test_run_purges_every_interval_and_survives_a_failing_pass(
-    db: SqliteStore, sessions: Sessions, clock: Clock, caplog: pytest.LogCaptureFixture
+    db: Store, sessions: Sessions, clock: Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
     retention = Retention(db, 20, clock=clock)
     await _finished(sessions, "l" * 22)
@@ -170,7 +167,7 @@ async def test_run_purges_every_interval_and_survives_a_failing_pass(
         if len(slept) == 1:
             clock.now += 20  # the session is now due
         elif len(slept) == 2:
-            assert _row(db, "l" * 22)["purged_at"] == clock.now
+            assert (await _row(db, "l" * 22))["purged_at"] == clock.now
             await db.close()  # the next pass fails: logged, and the loop goes on
         else:
             raise asyncio.CancelledError

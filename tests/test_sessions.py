@@ -1,4 +1,8 @@
-"""The storage layer and the state machine, against a real SQLite file."""
+"""The storage layer and the state machine, against each backend (SQLite file, PostgreSQL database).
+
+Tests that look at SQLite's own machinery (pragmas, group commit, WAL, file locks) run on
+SQLite only; tests/test_postgres.py has PostgreSQL's own (several processes on one database).
+"""
 
 from __future__ import annotations
 
@@ -12,12 +16,22 @@ import pytest
 from gateway.broker import Broker
 from gateway.errors import StorageError
 from gateway.outcome import Outcome
+from gateway.records import CLAIM_LEASE, Session, TokenClaim
 from gateway.sessions import Sessions, new_session_id, public_ref
+from gateway.storage.base import Store
 from gateway.storage.sqlite import SqliteStore, apply_migrations, migration_files
+from tests.pg import sql_rows
 
 
 @pytest.fixture
-async def sessions(db_path: Path) -> AsyncIterator[Sessions]:
+def sessions(store: Store) -> Sessions:
+    """The state machine on each backend."""
+    return Sessions(store, Broker(16))
+
+
+@pytest.fixture
+async def lite(db_path: Path) -> AsyncIterator[Sessions]:
+    """The state machine on SQLite only, for tests of SQLite's own machinery."""
     db = SqliteStore(str(db_path))
     await db.open()
     try:
@@ -37,23 +51,25 @@ def test_migrations_apply_once_and_record_themselves(db_path: Path) -> None:
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-async def test_writer_uses_full_sync_and_wal(sessions: Sessions) -> None:
+async def test_writer_uses_full_sync_and_wal(lite: Sessions) -> None:
     def pragmas(conn: sqlite3.Connection) -> tuple[int, str]:
         return conn.execute("PRAGMA synchronous").fetchone()[0], conn.execute("PRAGMA journal_mode").fetchone()[0]
 
-    assert await sessions.store.db.write(pragmas) == (2, "wal")  # 2 = FULL
+    assert isinstance(lite.store, SqliteStore)
+    assert await lite.store.db.write(pragmas) == (2, "wal")  # 2 = FULL
 
 
-async def test_a_failing_write_does_not_undo_its_neighbours(sessions: Sessions) -> None:
+async def test_a_failing_write_does_not_undo_its_neighbours(lite: Sessions) -> None:
     def boom(conn: sqlite3.Connection) -> None:
         conn.execute(
             "INSERT INTO sessions (id, provider, created_at, updated_at, expires_at) VALUES ('x', 'bad', 0,0,0)"
         )
 
-    ok = [sessions.create(session_id=new_session_id(), provider="truecaller", ttl=60) for _ in range(5)]
-    results = await asyncio.gather(sessions.store.db.write(boom), *ok, return_exceptions=True)
+    assert isinstance(lite.store, SqliteStore)
+    ok = [lite.create(session_id=new_session_id(), provider="truecaller", ttl=60) for _ in range(5)]
+    results = await asyncio.gather(lite.store.db.write(boom), *ok, return_exceptions=True)
     assert isinstance(results[0], Exception)
-    rows = await sessions.store.db.fetchall("SELECT id FROM sessions")
+    rows = await lite.store.db.fetchall("SELECT id FROM sessions")
     assert len(rows) == 5
 
 
@@ -72,7 +88,7 @@ async def test_exactly_one_of_many_racing_writers_wins(sessions: Sessions) -> No
     winner = outcomes[wins.index(True)]
     session = await sessions.get(sid)
     assert session is not None and session.status == winner.status and session.reason == winner.reason
-    events = await sessions.store.db.fetchall("SELECT kind FROM session_events WHERE session_id = ?", (sid,))
+    events = await sql_rows(sessions.store, "SELECT kind FROM session_events WHERE session_id = ?", sid)
     assert [e["kind"] for e in events] == ["outcome"]
     published = sub.drain()
     assert [e.kind for e in published] == ["outcome"]
@@ -180,3 +196,142 @@ async def test_a_write_that_cannot_get_the_lock_fails_cleanly_and_the_next_one_w
     finally:
         other.close()
         await db.close()
+
+
+# -- the Store contract, method by method, on each backend --------------------------------
+
+NOW = 1_000_000.0
+
+
+def _session(sid: str, *, expires_in: float = 600) -> Session:
+    return Session(sid, "truecaller", "pending", None, f"ref-{sid}", "+15551234567", "u-1", {"a": 1}, None, NOW, NOW,
+                   NOW + expires_in, None)  # fmt: skip
+
+
+def _claim(sid: str, token: str, at: float = NOW) -> TokenClaim:
+    return TokenClaim(sid, "https://p.example/v1", token, f"hash-{token}", at, at + 600)
+
+
+async def test_events_read_back_by_position_and_by_id(store: Store) -> None:
+    assert await store.create(_session("ev"))
+    first = await store.progress("ev", {"stage": "flow_invoked"}, now=NOW + 1, expires_at=NOW + 900)
+    again = await store.progress("ev", {"stage": "profile_fetching"}, now=NOW + 2)
+    assert first.first and first.provider == "truecaller" and not again.first
+    assert first.event_id is not None and again.event_id is not None and first.event_id < again.event_id
+    done = await store.finish("ev", Outcome("verified", phone="+15551234567"), now=NOW + 3)
+    assert done is not None and done.body["status"] == "verified" and done.body["user_ref"] == "u-1"
+    session, events = await store.get_with_events("ev", 0)
+    assert session is not None and session.status == "verified" and session.expires_at == NOW + 900
+    assert session.outcome == done.body and session.completed_at == NOW + 3 and session.updated_at == NOW + 3
+    assert [(e.id, e.kind) for e in events] == [
+        (first.event_id, "progress"),
+        (again.event_id, "progress"),
+        (done.event_id, "outcome"),
+    ]
+    assert (await store.get_with_events("ev", again.event_id))[1] == events[2:]
+    assert await store.get_with_events("nope", 0) == (None, [])
+    assert await store.event("ev", again.event_id) == events[1]
+    assert await store.event("other", again.event_id) is None
+    assert await store.outcome_event("ev") == events[2]
+    assert await store.get_by_ref("truecaller", "ref-ev") == session
+    assert await store.get_by_ref("veriphone", "ref-ev") is None
+
+
+async def test_provider_data_is_merged_while_pending_only(store: Store) -> None:
+    await store.create(_session("pd"))
+    assert await store.update_provider_data("pd", {"b": "ü"}, now=NOW + 1, expires_at=None)
+    got = await store.get("pd")
+    assert got is not None and got.provider_data == {"a": 1, "b": "ü"} and got.expires_at == NOW + 600
+    await store.finish("pd", Outcome("expired", "timeout"), now=NOW + 2)
+    assert not await store.update_provider_data("pd", {"c": 3}, now=NOW + 3, expires_at=NOW + 9)
+    assert (await store.progress("pd", {"stage": "late"}, now=NOW + 4)).event_id is None
+
+
+async def test_a_status_callback_does_not_beat_a_stored_token(store: Store) -> None:
+    await store.create(_session("tc"))
+    stored = await store.progress("tc", {"stage": "profile_fetching"}, now=NOW, claim=_claim("tc", "t1"))
+    assert stored.claim == "stored" and stored.event_id is not None
+    assert await store.has_claim("tc")
+    assert await store.finish("tc", Outcome("rejected", "user_rejected"), now=NOW, unless_claimed=True) is None
+    won = await store.finish("tc", Outcome("verified", phone="+15551234567"), now=NOW, release_claim=True)
+    assert won is not None and not await store.has_claim("tc")
+    assert (await store.progress("tc", {"stage": "x"}, now=NOW, claim=_claim("tc", "t2"))).claim == "gone"
+
+
+async def test_stored_tokens_are_taken_over_once_their_lease_passed(store: Store) -> None:
+    for sid in ("a", "b", "gone"):
+        await store.create(_session(sid))
+        await store.progress(sid, {"stage": "profile_fetching"}, now=NOW, claim=_claim(sid, sid))
+    await store.finish("gone", Outcome("failed", "provider_error"), now=NOW)
+    assert await store.pending_claims(NOW + CLAIM_LEASE - 1) == []  # its fetch is still running
+    taken = await store.pending_claims(NOW + CLAIM_LEASE)
+    assert sorted((c.session_id, c.phone, c.access_token) for c in taken) == [
+        ("a", "+15551234567", "a"),
+        ("b", "+15551234567", "b"),
+    ]
+    assert await store.pending_claims(NOW + CLAIM_LEASE) == []  # taken, for another lease
+    assert not await store.has_claim("gone")
+    assert len(await store.pending_claims(NOW + 2 * CLAIM_LEASE, lease=5)) == 2
+    assert len(await store.pending_claims(NOW + 2 * CLAIM_LEASE + 5)) == 2
+
+
+async def test_idempotency_keys_and_tickets_are_stored_with_their_session(store: Store) -> None:
+    from gateway.auth import Admitted
+    from gateway.records import Idempotency
+
+    key = Idempotency("k-hash", "b-hash", {"id": "i1", "ü": True}, NOW + 60)
+    assert await store.create(_session("i1"), key, Admitted("t-hash", NOW + 30))
+    assert not await store.create(_session("i2"), None, Admitted("t-hash", NOW + 30))  # one ticket, one session
+    assert await store.get("i2") is None
+    assert await store.ticket_used("t-hash") and not await store.ticket_used("other")
+    assert await store.idempotent("k-hash", NOW) == key
+    assert await store.idempotent("k-hash", NOW + 60) is None  # expired
+    assert await store.prune_idempotency(NOW + 59) == 0
+    assert await store.prune_idempotency(NOW + 60) == 1
+    assert await store.prune_tickets(NOW + 30) == 1 and not await store.ticket_used("t-hash")
+    assert await store.count_pending() == 1 and await store.database_bytes() > 0
+
+
+async def test_expiry_reads_and_old_sessions_are_deleted(store: Store) -> None:
+    await store.create(_session("soon", expires_in=10))
+    await store.create(_session("late", expires_in=20))
+    await store.create(_session("old"))
+    assert await store.next_deadline() == NOW + 10
+    assert await store.due_for_expiry(NOW + 15, 10) == ["soon"]
+    assert await store.due_for_expiry(NOW + 25, 1) == ["soon"]
+    await store.finish("old", Outcome("expired", "timeout"), now=NOW)
+    assert await store.delete_finished(cutoff=NOW, limit=10) == 0  # not purged yet
+    assert await store.purge_personal_data(cutoff=NOW, now=NOW + 1, limit=10) == 1
+    assert await store.delete_finished(cutoff=NOW - 1, limit=10) == 0
+    assert await store.delete_finished(cutoff=NOW, limit=10) == 1
+    assert await store.get("old") is None and await store.outcome_event("old") is None
+
+
+async def test_the_outbox_lists_retries_and_prunes(store: Store) -> None:
+    from gateway.records import OutboxResult
+    from gateway.webhooks.signing import completed_event
+
+    for sid in ("w1", "w2"):
+        await store.create(_session(sid))
+        assert await store.finish(sid, Outcome("verified", phone="+1555"), now=NOW, webhook=completed_event)
+    assert await store.outbox_next_due() == NOW and await store.outbox_oldest_pending() == NOW
+    due = await store.outbox_due(NOW, 10)
+    assert sorted(i.session_id for i in due) == ["w1", "w2"] and all(i.attempts == 0 for i in due)
+    assert b'"session_id":' in due[0].payload.encode()
+    failed, delivered = due
+    await store.outbox_record(
+        [
+            OutboxResult(failed.id, "failed", 1, NOW + 1, NOW + 1, 410, "refused"),
+            OutboxResult(delivered.id, "delivered", 1, NOW + 1, NOW + 1, 200, None),
+        ]
+    )
+    await store.outbox_record([OutboxResult(delivered.id, "pending", 2, NOW + 9, None, 500, "status")])  # ignored
+    [entry] = await store.outbox_list(failed_only=True, limit=10)
+    assert (entry.id, entry.status, entry.last_status, entry.last_error) == (failed.id, "failed", 410, "refused")
+    assert {e.status for e in await store.outbox_list(failed_only=False, limit=10)} == {"failed", "delivered"}
+    assert await store.outbox_next_due() is None
+    assert await store.outbox_retry("unknown", now=NOW + 2) == 0
+    assert await store.outbox_retry(None, now=NOW + 2) == 1
+    assert [i.id for i in await store.outbox_due(NOW + 2, 10)] == [failed.id]
+    assert await store.outbox_prune(cutoff=NOW + 1, limit=10) == 1  # the delivered one
+    assert [e.id for e in await store.outbox_list(failed_only=False, limit=10)] == [failed.id]

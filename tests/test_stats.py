@@ -12,45 +12,58 @@ from gateway.cli import main
 from gateway.metrics import Metrics
 from gateway.outcome import Outcome
 from gateway.sessions import Sessions, new_session_id
+from gateway.storage.base import Store
 from gateway.storage.sqlite import SqliteStore
 
 
-async def _populate(db: Path) -> Metrics:
+async def _populate(store: Store) -> Metrics:
     metrics = Metrics()
-    store = SqliteStore(str(db))
-    await store.open()
-    try:
-        sessions = Sessions(store, Broker(16))
-        sessions.on_reached = metrics.reached_provider
-        ids = {}
-        names = [("seen", "truecaller"), ("ok", "truecaller"), ("gone", "truecaller"), ("vp", "veriphone")]
-        for name, provider in names:
-            ids[name] = new_session_id()
-            await sessions.create(session_id=ids[name], provider=provider, ttl=60, phone="+15551234567")
-        # the Truecaller dialog was shown twice (a repeated callback): reached once
-        await sessions.progress(ids["seen"], "flow_invoked")
-        await sessions.progress(ids["seen"], "flow_invoked")
-        await sessions.finish(ids["seen"], Outcome("rejected", "use_another_number"))
-        await sessions.progress(ids["ok"], "profile_fetching")
-        await sessions.finish(ids["ok"], Outcome("verified", phone="+15551234567"))
-        await sessions.finish(ids["gone"], Outcome("expired", "timeout"))  # never reached Truecaller
-        await sessions.progress(ids["vp"], "result_fetching")
-    finally:
-        await store.close()
+    sessions = Sessions(store, Broker(16))
+    sessions.on_reached = metrics.reached_provider
+    ids = {}
+    names = [("seen", "truecaller"), ("ok", "truecaller"), ("gone", "truecaller"), ("vp", "veriphone")]
+    for name, provider in names:
+        ids[name] = new_session_id()
+        await sessions.create(session_id=ids[name], provider=provider, ttl=60, phone="+15551234567")
+    # the Truecaller dialog was shown twice (a repeated callback): reached once
+    await sessions.progress(ids["seen"], "flow_invoked")
+    await sessions.progress(ids["seen"], "flow_invoked")
+    await sessions.finish(ids["seen"], Outcome("rejected", "use_another_number"))
+    await sessions.progress(ids["ok"], "profile_fetching")
+    await sessions.finish(ids["ok"], Outcome("verified", phone="+15551234567"))
+    await sessions.finish(ids["gone"], Outcome("expired", "timeout"))  # never reached Truecaller
+    await sessions.progress(ids["vp"], "result_fetching")
     return metrics
 
 
-async def test_reached_is_counted_once_per_session(tmp_path: Path) -> None:
-    metrics = await _populate(tmp_path / "g.db")
+async def _populate_file(db: Path) -> None:
+    store = SqliteStore(str(db))
+    await store.open()
+    try:
+        await _populate(store)
+    finally:
+        await store.close()
+
+
+async def test_reached_is_counted_once_per_session(store: Store) -> None:
+    metrics = await _populate(store)
     text = metrics.render().decode()
     assert 'gateway_sessions_reached_provider_total{provider="truecaller"} 2.0' in text
     assert 'gateway_sessions_reached_provider_total{provider="veriphone"} 1.0' in text
+    # (provider, status, reason, sessions, reached the provider), in the same order on each backend
+    assert await store.conversion(0) == [
+        ("truecaller", "expired", "timeout", 1, 0),
+        ("truecaller", "rejected", "use_another_number", 1, 1),
+        ("truecaller", "verified", None, 1, 1),
+        ("veriphone", "pending", None, 1, 1),
+    ]
+    assert await store.conversion(9e9) == []
 
 
 def test_gateway_stats_reports_conversion_without_personal_data(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    asyncio.run(_populate(tmp_path / "g.db"))
+    asyncio.run(_populate_file(tmp_path / "g.db"))
     config = tmp_path / "c.toml"
     config.write_text(f'[database]\npath = "{tmp_path / "g.db"}"\n')
     assert main(["stats", "--since", "1h", "--config", str(config)]) == 0

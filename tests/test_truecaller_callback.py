@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import pytest
 
@@ -15,7 +14,8 @@ from gateway.providers.truecaller.decode import (
     parse_callback,
 )
 from gateway.records import TOKEN_MEMORY, Session, TokenClaim
-from gateway.storage.sqlite import SqliteStore
+from gateway.storage.base import Store
+from tests.pg import sql_rows
 
 ENDPOINT = "https://profile4-noneu.truecaller.com/v1/default"
 RID = "RL8YZ41FQMt5Jiak2sc_Ys0OgQA="
@@ -83,31 +83,24 @@ def test_only_short_snake_case_statuses_are_logged(status: str, shown: str) -> N
     assert loggable_status(status) == shown
 
 
-async def test_a_token_binds_to_one_session_until_its_memory_runs_out(tmp_path: Path) -> None:
-    store = SqliteStore(str(tmp_path / "tokens.db"))
-    await store.open()
-    try:
-        for sid in ("s-1", "s-2", "s-3"):
-            await store.create(
-                Session(sid, "truecaller", "pending", None, None, None, None, {}, None, 0, 0, 9e9, None)
-            )
+async def test_a_token_binds_to_one_session_until_its_memory_runs_out(store: Store) -> None:
+    for sid in ("s-1", "s-2", "s-3"):
+        await store.create(Session(sid, "truecaller", "pending", None, None, None, None, {}, None, 0, 0, 9e9, None))
 
-        async def store_token(sid: str, token: str, at: float) -> str | None:
-            token_hash = hashlib.sha256(token.encode()).hexdigest()
-            claim = TokenClaim(sid, "https://p.example/v1", token, token_hash, at, at + 600)
-            return (await store.progress(sid, {"stage": "profile_fetching"}, now=at, claim=claim)).claim
+    async def store_token(sid: str, token: str, at: float) -> str | None:
+        token_hash = hashlib.sha256(token.encode()).hexdigest()
+        claim = TokenClaim(sid, "https://p.example/v1", token, token_hash, at, at + 600)
+        return (await store.progress(sid, {"stage": "profile_fetching"}, now=at, claim=claim)).claim
 
-        assert await store_token("s-1", "tok-a", 1000.0) == "stored"
-        assert await store_token("s-1", "tok-a", 1000.1) == "repeat"  # the same callback again
-        assert await store_token("s-2", "tok-a", 1000.2) == "reused"  # login CSRF: refused
-        assert await store_token("s-2", "tok-b", 1000.3) == "stored"
-        assert await store.token_owner(hashlib.sha256(b"tok-a").hexdigest()) == "s-1"
-        rows = await store.db.fetchall("SELECT session_id FROM truecaller_tokens_used ORDER BY session_id")
-        assert [r[0] for r in rows] == ["s-1", "s-2"]
-        # once the token's life and the margin have passed, its hash is swept away
-        later = 1000.0 + TOKEN_MEMORY + 1
-        assert await store_token("s-3", "tok-c", later) == "stored"
-        rows = await store.db.fetchall("SELECT session_id FROM truecaller_tokens_used")
-        assert [r[0] for r in rows] == ["s-3"]
-    finally:
-        await store.close()
+    assert await store_token("s-1", "tok-a", 1000.0) == "stored"
+    assert await store_token("s-1", "tok-a", 1000.1) == "repeat"  # the same callback again
+    assert await store_token("s-2", "tok-a", 1000.2) == "reused"  # login CSRF: refused
+    assert await store_token("s-2", "tok-b", 1000.3) == "stored"
+    assert await store.token_owner(hashlib.sha256(b"tok-a").hexdigest()) == "s-1"
+    rows = await sql_rows(store, "SELECT session_id FROM truecaller_tokens_used ORDER BY session_id")
+    assert [r["session_id"] for r in rows] == ["s-1", "s-2"]
+    # once the token's life and the margin have passed, its hash is swept away
+    later = 1000.0 + TOKEN_MEMORY + 1
+    assert await store_token("s-3", "tok-c", later) == "stored"
+    rows = await sql_rows(store, "SELECT session_id FROM truecaller_tokens_used")
+    assert [r["session_id"] for r in rows] == ["s-3"]

@@ -1,4 +1,5 @@
-"""Webhooks end to end: a real gateway, a real receiver on loopback, the outbox in a real SQLite file."""
+"""Webhooks end to end: a real gateway, a real receiver on loopback, the outbox in a real SQLite file
+(and the outbox's retention on each backend)."""
 
 from __future__ import annotations
 
@@ -28,8 +29,10 @@ from gateway.config import settings_from_dict
 from gateway.logs import JsonFormatter
 from gateway.outcome import Outcome
 from gateway.sessions import new_session_id
+from gateway.storage.base import Store
 from gateway.webhooks import delivery
 from gateway.webhooks.signing import new_secret
+from tests.pg import sql_rows
 from tests.test_shutdown import gateway_process
 from tests.utils import Running, _serve, listening_socket, merge, serve_app
 
@@ -479,46 +482,39 @@ async def test_shutdown_does_not_wait_for_a_hanging_receiver_and_the_event_survi
     assert answering.ids() == [row["id"]] == hanging.ids()
 
 
-async def test_retention_deletes_finished_webhooks_and_keeps_pending_ones(tmp_path: Path) -> None:
+async def test_retention_deletes_finished_webhooks_and_keeps_pending_ones(store: Store) -> None:
     from gateway.broker import Broker
     from gateway.records import OutboxResult
     from gateway.retention import Retention
     from gateway.sessions import Sessions
-    from gateway.storage.sqlite import SqliteStore
     from gateway.webhooks.signing import completed_event
 
     now = [1_000_000.0]
     start = now[0]
-    db = tmp_path / "r.db"
-    store = SqliteStore(str(db))
-    await store.open()
-    try:
-        sessions = Sessions(store, Broker(16), clock=lambda: now[0])
-        sessions.webhook_event = completed_event
-        for _ in range(3):
-            sid = new_session_id()
-            await sessions.create(session_id=sid, provider="truecaller", ttl=60, phone=PHONE)
-            await sessions.finish(sid, Outcome("verified", phone=PHONE))
-        delivered, failed, pending = (item.id for item in await store.outbox_due(now[0], 10))
-        await store.outbox_record([OutboxResult(delivered, "delivered", 1, start, start, 200, None)])
-        await store.outbox_record([OutboxResult(failed, "failed", 3, start + 30, start + 30, 500, "status")])
-        await store.outbox_record([OutboxResult(pending, "pending", 5, start + 10**6, None, 503, "status")])
-        retention = Retention(store, 100, clock=lambda: now[0])  # sessions.retention = 100 s
+    sessions = Sessions(store, Broker(16), clock=lambda: now[0])
+    sessions.webhook_event = completed_event
+    for _ in range(3):
+        sid = new_session_id()
+        await sessions.create(session_id=sid, provider="truecaller", ttl=60, phone=PHONE)
+        await sessions.finish(sid, Outcome("verified", phone=PHONE))
+    delivered, failed, pending = (item.id for item in await store.outbox_due(now[0], 10))
+    await store.outbox_record([OutboxResult(delivered, "delivered", 1, start, start, 200, None)])
+    await store.outbox_record([OutboxResult(failed, "failed", 3, start + 30, start + 30, 500, "status")])
+    await store.outbox_record([OutboxResult(pending, "pending", 5, start + 10**6, None, 503, "status")])
+    retention = Retention(store, 100, clock=lambda: now[0])  # sessions.retention = 100 s
 
-        def left() -> set[str]:
-            return {r["id"] for r in rows(db)}
+    async def left() -> set[str]:
+        return {r["id"] for r in await sql_rows(store, "SELECT id FROM webhook_outbox")}
 
-        now[0] = start + 99
-        await retention.purge_once()
-        assert left() == {delivered, failed, pending}  # not yet: retention counts from the end
-        now[0] = start + 101
-        await retention.purge_once()
-        assert left() == {failed, pending}
-        now[0] = start + 131
-        await retention.purge_once()
-        assert left() == {pending}
-        now[0] = start + 10**7  # a pending event is never dropped, however old
-        await retention.purge_once()
-        assert left() == {pending}
-    finally:
-        await store.close()
+    now[0] = start + 99
+    await retention.purge_once()
+    assert await left() == {delivered, failed, pending}  # not yet: retention counts from the end
+    now[0] = start + 101
+    await retention.purge_once()
+    assert await left() == {failed, pending}
+    now[0] = start + 131
+    await retention.purge_once()
+    assert await left() == {pending}
+    now[0] = start + 10**7  # a pending event is never dropped, however old
+    await retention.purge_once()
+    assert await left() == {pending}
