@@ -20,12 +20,14 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp
 
+from gateway.admission import Admission
 from gateway.auth import Auth
 from gateway.broker import Broker
 from gateway.clientip import parse_networks
 from gateway.config import Settings
 from gateway.disk import DiskCap
 from gateway.errors import ApiError
+from gateway.limits import Limits
 from gateway.memory import MemoryReleaser
 from gateway.metrics import Metrics
 from gateway.providers.base import Deps
@@ -69,6 +71,7 @@ def build_gateway(settings: Settings) -> tuple[Gateway, list[BaseRoute]]:
         ),
         DiskCap(store, settings.database.max_size_mb * 2**20, metrics),
     )
+    starter.admission = admission = Admission(Limits(settings.limits), store, metrics)
     http = httpx.AsyncClient(follow_redirects=False, trust_env=False)
     gw = Gateway(
         settings=settings,
@@ -81,13 +84,14 @@ def build_gateway(settings: Settings) -> tuple[Gateway, list[BaseRoute]]:
         retention=Retention(store, settings.sessions.retention, clock=sessions.clock, keep=settings.sessions.keep),
         memory=MemoryReleaser(broker),
         http=http,
+        admission=admission,
         trusted_proxies=parse_networks(settings.server.trusted_proxies),
     )
     if settings.webhooks.url and SESSION_COMPLETED in settings.webhooks.events:
         gw.webhooks = WebhookSender(store, settings.webhooks, metrics)
         sessions.webhook_event = completed_event
         sessions.on_webhook = gw.webhooks.wake
-    deps = Deps(settings, sessions, store, metrics, background, http)
+    deps = Deps(settings, sessions, store, metrics, background, http, admission=admission)
     routes: list[BaseRoute] = []
     if settings.providers.truecaller.enabled:
         # The profile fetch has a client of its own: leaner than httpx on the hot path.

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from types import FrameType
+from typing import Literal
 
 import uvicorn
 
@@ -66,8 +67,15 @@ def build_server(settings: Settings, *, log_config: dict[str, object] | None = N
 
     app = create_app(settings)
     gateway = app.state.gateway
+    # With limits on, a request's head is bounded in size and time before the app sees it.
+    http: type[asyncio.Protocol] | Literal["auto"] = "auto"
+    if settings.limits.enabled:
+        from gateway.web.protocol import guarded_protocol
+
+        http = guarded_protocol(settings.limits, gateway.metrics.limited)
     config = uvicorn.Config(
         app,
+        http=http,
         host=settings.server.host,
         port=settings.server.port,
         log_config=log_config,

@@ -102,6 +102,33 @@ class PollingConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """Abuse limits, per gateway process (config.toml explains each default)."""
+
+    enabled: bool = True
+    # Token buckets: `burst` requests at once, refilled at `rate` per minute.
+    sessions_per_ip_burst: int = 20
+    sessions_per_ip_rate: float = 10
+    sessions_per_phone_burst: int = 5
+    sessions_per_phone_rate: float = 1
+    callbacks_per_ip_burst: int = 500
+    callbacks_per_ip_rate: float = 6000
+    max_pending_sessions: int = 10_000
+    streams_per_ip: int = 100
+    streams_total: int = 10_000
+    long_polls_per_ip: int = 20
+    long_polls_total: int = 2_000
+    body_timeout: float = 10
+    header_timeout: float = 10
+    max_header_bytes: int = 32_768
+    max_query_bytes: int = 2_048
+    tracked_keys: int = 50_000
+    # Client addresses (or CIDRs) the per-address limits skip: loopback, so a proxy on this
+    # host whose X-Forwarded-For is not trusted yet does not put every user in one bucket.
+    exempt: tuple[str, ...] = ("127.0.0.0/8", "::1")
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "info"
     format: str = "auto"  # auto | json | text
@@ -192,6 +219,7 @@ class Settings:
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
     polling: PollingConfig = field(default_factory=PollingConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     providers: ProvidersConfig = field(default_factory=ProvidersConfig)
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
@@ -463,6 +491,48 @@ def _check(s: Settings) -> None:
     ]
     for event in wh.events:
         problems.append((p + "events", event in WEBHOOK_EVENTS, "a list of " + ", ".join(WEBHOOK_EVENTS), event))
+    lim = s.limits
+    p = "limits."
+    for name in ("sessions_per_ip", "sessions_per_phone", "callbacks_per_ip"):
+        burst, rate = getattr(lim, name + "_burst"), getattr(lim, name + "_rate")
+        problems += [
+            (f"{p}{name}_burst", 1 <= burst <= 1_000_000, "an integer 1-1000000", burst),
+            (f"{p}{name}_rate", 0 < rate <= 6_000_000, "a number per minute > 0 and <= 6000000", rate),
+        ]
+    problems += [
+        (
+            p + "max_pending_sessions",
+            1 <= lim.max_pending_sessions <= 100_000_000,
+            "an integer 1-100000000",
+            lim.max_pending_sessions,
+        ),
+        (p + "streams_total", 1 <= lim.streams_total <= 1_000_000, "an integer 1-1000000", lim.streams_total),
+        (
+            p + "streams_per_ip",
+            1 <= lim.streams_per_ip <= lim.streams_total,
+            f"an integer from 1 to limits.streams_total ({lim.streams_total})",
+            lim.streams_per_ip,
+        ),
+        (p + "long_polls_total", 1 <= lim.long_polls_total <= 1_000_000, "an integer 1-1000000", lim.long_polls_total),
+        (
+            p + "long_polls_per_ip",
+            1 <= lim.long_polls_per_ip <= lim.long_polls_total,
+            f"an integer from 1 to limits.long_polls_total ({lim.long_polls_total})",
+            lim.long_polls_per_ip,
+        ),
+        (p + "body_timeout", 0 < lim.body_timeout <= 600, "seconds > 0 and <= 600", lim.body_timeout),
+        (p + "header_timeout", 0 < lim.header_timeout <= 600, "seconds > 0 and <= 600", lim.header_timeout),
+        (
+            p + "max_header_bytes",
+            1024 <= lim.max_header_bytes <= 1_048_576,
+            "bytes 1024-1048576",
+            lim.max_header_bytes,
+        ),
+        (p + "max_query_bytes", 256 <= lim.max_query_bytes <= 1_048_576, "bytes 256-1048576", lim.max_query_bytes),
+        (p + "tracked_keys", 100 <= lim.tracked_keys <= 10_000_000, "an integer 100-10000000", lim.tracked_keys),
+    ]
+    for entry in lim.exempt:
+        problems.append((p + "exempt", _is_network(entry), "IP addresses or CIDR networks", entry))
     for key, ok, expected, got in problems:
         if not ok:
             raise ConfigError(f"{src}: {key}: expected {expected}, got {got!r}")

@@ -9,6 +9,7 @@ Exported (the `_total` / `_bucket` suffixes are added by the exposition format):
   gateway_provider_errors_total{provider,kind}         failed provider calls
   gateway_db_write_seconds                             Database.on_write_seconds (queue → durable commit)
   gateway_database_bytes                               disk.DiskCap (pages in use + WAL; for database.max_size_mb)
+  gateway_limited_total{limit}                         requests refused by an abuse limit ([limits] key)
 """
 
 from __future__ import annotations
@@ -18,6 +19,21 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+# The `limit` label values of gateway_limited_total: the [limits] key that refused.
+LIMITS = (
+    "sessions_per_ip",
+    "sessions_per_phone",
+    "max_pending_sessions",
+    "callbacks_per_ip",
+    "streams_per_ip",
+    "streams_total",
+    "long_polls_per_ip",
+    "long_polls_total",
+    "body_timeout",
+    "header_timeout",
+    "max_header_bytes",
+    "max_query_bytes",
+)
 _FAST = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -66,6 +82,10 @@ class Metrics:
             "gateway_webhook_oldest_pending_seconds", "Age of the oldest undelivered webhook (0: none)", registry=r
         )
 
+        self.limited_requests = Counter(
+            "gateway_limited", "Requests refused by an abuse limit, by its [limits] key", ["limit"], registry=r
+        )
+
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         # Known series start at zero, so rate() and absent() work before the first event.
         for provider in ("truecaller", "veriphone"):
@@ -75,6 +95,8 @@ class Metrics:
         for result in ("delivered", "retried", "failed"):
             self.webhook_deliveries.labels(result)
         self.fetch_seconds.labels("truecaller", "profile")
+        for limit in LIMITS:
+            self.limited_requests.labels(limit)
         self.fetch_seconds.labels("veriphone", "result")
 
     def _child(self, metric: Any, *labels: str) -> Any:
@@ -103,6 +125,9 @@ class Metrics:
 
     def provider_error(self, provider: str, kind: str) -> None:
         self.provider_errors.labels(provider, kind).inc()
+
+    def limited(self, limit: str) -> None:
+        self._child(self.limited_requests, limit).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

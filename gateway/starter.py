@@ -11,6 +11,7 @@ from typing import Any
 
 import phonenumbers
 
+from gateway.admission import Admission
 from gateway.auth import ANONYMOUS, Admitted, Auth, Credential
 from gateway.disk import DiskCap
 from gateway.errors import BadRequest, Conflict, Unauthorized
@@ -71,6 +72,7 @@ class Starter:
         self._starting: dict[str, asyncio.Future[None]] = {}  # Idempotency-Keys being started here
         # Told of every new session after it is stored (the sandbox's scripted numbers).
         self.on_started: list[Callable[[Session, Prepared], None]] = []
+        self.admission: Admission | None = None  # the abuse limits, checked before the provider is called
 
     async def start(
         self,
@@ -99,6 +101,8 @@ class Starter:
         provider = self.providers.get(str(provider_name))
         if provider is None:
             raise Conflict("provider_disabled", f"the {provider_name} provider is disabled in this gateway's config")
+        if self.admission is not None:
+            await self.admission.admit_session(client.ip, checked_phone)
         session_id = new_session_id()
         # The provider is called before the insert, so a provider failure leaves nothing stored.
         prepared = await provider.prepare(

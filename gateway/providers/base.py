@@ -7,6 +7,7 @@ from typing import Any, Protocol
 
 import httpx
 
+from gateway.admission import Admission
 from gateway.config import Settings
 from gateway.metrics import Metrics
 from gateway.sessions import Sessions
@@ -52,3 +53,4 @@ class Deps:
     metrics: Metrics
     background: Background
     http: httpx.AsyncClient  # outgoing provider API calls: no redirects, no proxy from the environment
+    admission: Admission | None = None  # the abuse limits: callbacks per source address

@@ -151,6 +151,9 @@ class Store(Protocol):
 
     async def next_deadline(self) -> float | None: ...
 
+    async def count_pending(self) -> int:
+        """How many sessions are pending now (the limits read it at most once a second)."""
+
     async def purge_personal_data(self, *, cutoff: float, now: float, limit: int) -> int:
         """Scrub at most `limit` sessions completed at or before `cutoff`; returns how many."""
 

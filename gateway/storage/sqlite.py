@@ -715,6 +715,11 @@ class SqliteStore:
         row = await self.db.fetchone("SELECT MIN(expires_at) AS t FROM sessions WHERE status = 'pending'")
         return None if row is None or row["t"] is None else float(row["t"])
 
+    async def count_pending(self) -> int:
+        # Counted on the partial index of pending sessions, off the loop (aiosqlite's thread).
+        row = await self.db.fetchone("SELECT COUNT(*) AS n FROM sessions WHERE status = 'pending'")
+        return 0 if row is None else int(row["n"])
+
     async def purge_personal_data(self, *, cutoff: float, now: float, limit: int) -> int:
         def purge(conn: sqlite3.Connection) -> int:
             rows = conn.execute(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 
@@ -9,17 +10,20 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from gateway.admission import BUSY_RETRY_AFTER
 from gateway.broker import CLOSED
-from gateway.errors import BadRequest, NotFound
+from gateway.errors import BadRequest, NotFound, TooManyRequests, Unavailable
+from gateway.limits import Slots
 from gateway.records import Session
 from gateway.starter import created_answer
-from gateway.web.client import client_of
+from gateway.web.client import client_of, request_client_ip
 from gateway.web.context import Gateway, gateway_of
 from gateway.web.jsonbody import read_json_object
 from gateway.web.stream import PATH_TEMPLATE, EventStreamEndpoint
 
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 CREATE_FIELDS = ("provider", "phone", "user_ref")
+_RETRY_AFTER = {"retry-after": str(BUSY_RETRY_AFTER)}
 
 
 async def create_session(request: Request) -> Response:
@@ -54,8 +58,29 @@ async def read_session(request: Request) -> Response:
     if wait <= 0:
         session = await _load(gw, request)
         return JSONResponse(session.snapshot(), headers={"cache-control": "no-store"})
+    if not gw.admission.enabled:
+        return await _long_poll(gw, request, wait)
+    polls = gw.admission.limits.long_polls
+    key = gw.admission.limits.ip_key(request_client_ip(request, gw.trusted_proxies))
+    refused = polls.acquire(key)
+    if refused == Slots.PER_KEY:
+        gw.metrics.limited("long_polls_per_ip")
+        raise TooManyRequests("rate_limited", "too many waiting requests from this address", _RETRY_AFTER)
+    if refused is not None:
+        gw.metrics.limited("long_polls_total")
+        raise Unavailable("server_busy", "the gateway has too many waiting requests; retry shortly", _RETRY_AFTER)
+    try:
+        return await _long_poll(gw, request, wait)
+    finally:
+        polls.release(key)
+
+
+async def _long_poll(gw: Gateway, request: Request, wait: float) -> Response:
     # Subscribe before reading, so an outcome written in between is not missed.
     sub = gw.broker.subscribe(request.path_params["session_id"])
+    # A client that goes away ends its wait at once (and so frees its long-poll slot).
+    gone = asyncio.ensure_future(_disconnected(request))
+    gone.add_done_callback(lambda _: sub.close("gone"))
     try:
         session = await _load(gw, request)
         deadline = time.monotonic() + wait
@@ -70,7 +95,13 @@ async def read_session(request: Request) -> Response:
                 session = await _load(gw, request)
     finally:
         sub.close("done")
+        gone.cancel()
     return JSONResponse(session.snapshot(), headers={"cache-control": "no-store"})
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _parse_wait(raw: str | None, cap: float) -> float:

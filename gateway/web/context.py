@@ -14,6 +14,7 @@ from typing import Protocol
 import httpx
 from starlette.requests import Request
 
+from gateway.admission import Admission
 from gateway.broker import Broker
 from gateway.clientip import IPNetwork
 from gateway.config import Settings
@@ -44,6 +45,7 @@ class Gateway:
     retention: Retention
     memory: MemoryReleaser
     http: httpx.AsyncClient  # provider API calls
+    admission: Admission  # the abuse limits ([limits]); its `limits` also cap streams and long polls
     trusted_proxies: tuple[IPNetwork, ...] = ()
     webhooks: WebhookSender | None = None  # with [webhooks] url set
     providers: dict[str, Provider] = field(default_factory=dict)

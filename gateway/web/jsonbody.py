@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Collection
 from typing import Any
 
 from starlette.requests import Request
 
-from gateway.errors import BadRequest, PayloadTooLarge, UnsupportedMedia
+from gateway.errors import BadRequest, PayloadTooLarge, RequestTimeout, UnsupportedMedia
+from gateway.web.context import Gateway
 
 MAX_BODY = 16 * 1024
 
@@ -18,11 +20,36 @@ async def read_body(request: Request, max_bytes: int = MAX_BODY) -> bytes:
     if declared is not None and (not (declared.isascii() and declared.isdigit()) or int(declared) > max_bytes):
         raise PayloadTooLarge("body_too_large", f"the request body must be at most {max_bytes} bytes")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise PayloadTooLarge("body_too_large", f"the request body must be at most {max_bytes} bytes")
+    timeout = _body_timeout(request)
+    try:
+        # A body trickled in a byte at a time (slowloris) would hold the request forever.
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > max_bytes:
+                    raise PayloadTooLarge("body_too_large", f"the request body must be at most {max_bytes} bytes")
+    except TimeoutError:
+        gw = _gateway(request)
+        if gw is not None:
+            gw.metrics.limited("body_timeout")
+        # The rest of the body may still come: close the connection instead of reading it.
+        raise RequestTimeout(
+            "body_timeout", f"the request body did not arrive within {timeout:g} s", {"connection": "close"}
+        ) from None
     return bytes(body)
+
+
+def _gateway(request: Request) -> Gateway | None:
+    gw = getattr(request.app.state, "gateway", None)
+    return gw if isinstance(gw, Gateway) else None
+
+
+def _body_timeout(request: Request) -> float | None:
+    """`limits.body_timeout` of the gateway serving the request; None (no deadline) with limits off."""
+    gw = _gateway(request)
+    if gw is None or not gw.admission.enabled:
+        return None
+    return gw.settings.limits.body_timeout
 
 
 async def read_json_object(

@@ -71,6 +71,22 @@ ERRORS: dict[tuple[str, str], dict[int, list[str]]] = {
     },
 }
 
+# What the abuse limits ([limits], gateway/limits.py) add, by route: a body too slow (408), a
+# rate or a per-address cap (429, with Retry-After), a full gateway (503, with Retry-After).
+LIMIT_ERRORS: dict[tuple[str, str], dict[int, list[str]]] = {
+    ("post", "/v1/sessions"): {408: ["body_timeout"], 429: ["rate_limited"], 503: ["too_many_pending"]},
+    ("get", "/v1/sessions/{session_id}"): {429: ["rate_limited"], 503: ["server_busy"]},
+    ("get", "/v1/sessions/{session_id}/events"): {429: ["rate_limited"], 503: ["server_busy"]},
+    ("post", "/v1/callbacks/truecaller"): {408: ["body_timeout"], 429: ["rate_limited"]},
+    ("post", "/v1/callbacks/veriphone"): {408: ["body_timeout"], 429: ["rate_limited"]},
+}
+for _route, _statuses in LIMIT_ERRORS.items():
+    for _status, _codes in _statuses.items():
+        ERRORS[_route][_status] = [*ERRORS[_route].get(_status, []), *_codes]
+# Any request, before it reaches a route: a request line and headers over limits.max_header_bytes,
+# a query string over limits.max_query_bytes.
+HEAD_ERRORS = {414: ["query_too_long"], 431: ["headers_too_large"]}
+
 
 def _error(codes: list[str]) -> dict[str, Any]:
     return {
@@ -282,6 +298,10 @@ def document() -> dict[str, Any]:
             "get": {"summary": "This document", "responses": {"200": _json("OpenAPI 3.1", {"type": "object"})}}
         },
     }
+    for item in paths.values():
+        for operation in item.values():
+            for status, codes in HEAD_ERRORS.items():
+                operation["responses"].setdefault(str(status), _error(codes))
     return {
         "openapi": "3.1.0",
         "info": {"title": "Phone-verification gateway", "version": "1"},

@@ -21,8 +21,11 @@ from typing import Any
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway import sse
+from gateway.admission import BUSY_RETRY_AFTER
 from gateway.broker import Event, Subscriber
 from gateway.errors import StorageError
+from gateway.limits import Slots
+from gateway.web.client import scope_client_ip
 from gateway.web.context import Gateway
 
 PATH_TEMPLATE = "/v1/sessions/{session_id}/events"
@@ -35,6 +38,9 @@ _HEADERS = [
 _EVENT_ID = re.compile(r"[0-9]{1,18}")
 _NOT_FOUND = b'{"error":{"code":"session_not_found","message":"no session with this id"}}'
 _UNAVAILABLE = b'{"error":{"code":"database_unavailable","message":"the database could not be read; retry"}}'
+_TOO_MANY = b'{"error":{"code":"rate_limited","message":"too many open streams from this address"}}'
+_BUSY = b'{"error":{"code":"server_busy","message":"the gateway has too many open streams; retry shortly"}}'
+_RETRY_AFTER = (b"retry-after", str(BUSY_RETRY_AFTER).encode())
 log = logging.getLogger("gateway.stream")
 
 
@@ -44,6 +50,8 @@ class EventStreamEndpoint:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.allowed_origins = frozenset(o.encode() for o in gateway.settings.server.cors_allow_origins)
+        self.limits = limits = gateway.admission.limits
+        self.slots: Slots | None = limits.streams if limits.enabled else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         match = _PATH.fullmatch(scope["path"])
@@ -52,7 +60,22 @@ class EventStreamEndpoint:
         if session_id is None:
             await _json(send, 404, _NOT_FOUND, cors)
             return
-        await serve(self.gateway, session_id, scope, receive, send, cors)
+        slots = self.slots
+        if slots is None:
+            await serve(self.gateway, session_id, scope, receive, send, cors)
+            return
+        key = self.limits.ip_key(scope_client_ip(scope, self.gateway.trusted_proxies))
+        refused = slots.acquire(key)
+        if refused is not None:
+            # Before anything is read or subscribed: a refused stream costs one small answer.
+            per_key = refused == Slots.PER_KEY
+            self.gateway.metrics.limited("streams_per_ip" if per_key else "streams_total")
+            await _json(send, 429 if per_key else 503, _TOO_MANY if per_key else _BUSY, [_RETRY_AFTER, *cors])
+            return
+        try:
+            await serve(self.gateway, session_id, scope, receive, send, cors)
+        finally:
+            slots.release(key)  # every way out: the end, a disconnect, an error, a shutdown
 
     def _cors_headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
         """What Starlette's CORSMiddleware adds to a simple request: only for configured origins."""

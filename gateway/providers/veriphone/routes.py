@@ -11,13 +11,14 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from gateway.admission import Admission
 from gateway.clientip import parse_networks
 from gateway.errors import ApiError, BadRequest, NotFound
 from gateway.outcome import FAILED, VERIFIED
 from gateway.providers.base import Deps
 from gateway.providers.veriphone.service import Veriphone
 from gateway.starter import Starter
-from gateway.web.client import client_of
+from gateway.web.client import callback_guard, client_of
 from gateway.web.jsonbody import read_json_object
 
 log = logging.getLogger("gateway.veriphone")
@@ -67,9 +68,10 @@ def _optional(request: Request, name: str, code: str) -> str | None:
     return values[0] if values and values[0] else None
 
 
-def routes(veriphone: Veriphone, starter: Starter) -> list[BaseRoute]:
+def routes(veriphone: Veriphone, starter: Starter, admission: Admission | None = None) -> list[BaseRoute]:
     cfg = veriphone.cfg
     trusted = parse_networks(veriphone.settings.server.trusted_proxies)
+    admit = callback_guard(admission, trusted)  # callbacks per source address
 
     async def start_by_link(request: Request) -> Response:
         """`GET /v1/veriphone/start?phone=&user_ref=[&ticket=]`: create a session, send the browser to Veriph.One.
@@ -96,6 +98,7 @@ def routes(veriphone: Veriphone, starter: Starter) -> list[BaseRoute]:
     async def result_redirect(request: Request) -> Response:
         """Veriph.One's Result Endpoint: always a 307 to success_url or failure_url from config."""
         try:
+            admit(request)  # refused: the failure page with reason=rate_limited, still a 307
             session_uuid = _single(request, "sessionUuid")
             if session_uuid is None or not _UUID.fullmatch(session_uuid):
                 target = failure("session_not_found")
@@ -111,6 +114,7 @@ def routes(veriphone: Veriphone, starter: Starter) -> list[BaseRoute]:
 
     async def result_json(request: Request) -> Response:
         """The mobile variant: `{"sessionUuid": "…"}` → the outcome object, or a JSON error."""
+        admit(request)
         body = await read_json_object(request, fields=("sessionUuid",))
         session_uuid = body.get("sessionUuid")
         if not isinstance(session_uuid, str) or not session_uuid:
@@ -158,4 +162,4 @@ def routes(veriphone: Veriphone, starter: Starter) -> list[BaseRoute]:
 def mount(deps: Deps, starter: Starter) -> tuple[Veriphone, list[BaseRoute]]:
     """The provider for the session service, and its routes: what the app factory calls."""
     provider = Veriphone(deps)
-    return provider, routes(provider, starter)
+    return provider, routes(provider, starter, deps.admission)
