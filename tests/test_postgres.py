@@ -233,6 +233,9 @@ async def test_a_restarted_server_gives_storage_errors_then_the_feed_comes_back(
         for call in calls:
             with pytest.raises(StorageError):
                 await call()
+        async with asyncio.timeout(5):  # the feed noticed too (what /readyz reports)
+            while store.listener_ok():
+                await asyncio.sleep(0.01)
         assert not reset.is_set()
 
         await asyncio.to_thread(cluster.start)

@@ -214,6 +214,9 @@ class PgStore:
 
     async def open(self) -> None:
         self._closing = False
+        # On a connection of its own: a migration (or the wait for another process's) may
+        # take longer than the pool's COMMAND_TIMEOUT.
+        await apply_migrations(self.dsn)
         try:
             pool = await asyncpg.create_pool(
                 self.dsn, min_size=self.min_size, max_size=self.max_size, command_timeout=COMMAND_TIMEOUT
@@ -221,8 +224,6 @@ class PgStore:
         except _ERRORS as exc:
             raise StorageError(f"cannot connect to the database: {exc}") from exc
         try:
-            async with pool.acquire() as conn:
-                await _migrate(conn)
             if self._on_event is not None:
                 # Listening before open() returns: no event committed after it goes unheard.
                 self._listener = await self._listen()
@@ -777,7 +778,7 @@ class PgStore:
             claim.access_token,
             received,
             claim.token_expires_at,
-            received + CLAIM_LEASE,
+            claim.lease,
             claim.session_id,
         )
         if _count(stored) == 1:
