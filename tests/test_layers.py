@@ -189,6 +189,8 @@ def test_the_checker_sees_what_it_must() -> None:
     """The rules catch the knots this layout removed (guards against a checker that passes anything)."""
     assert layer_of("gateway.providers.truecaller.decode") < layer_of("gateway.providers.truecaller.client")
     assert layer_of("gateway.web.api") > layer_of("gateway.sessions") > layer_of("gateway.storage.sqlite")
+    # The backends are interchangeable: PostgreSQL's sits where SQLite's does (`gateway.storage.*`).
+    assert layer_of("gateway.storage.postgres") == layer_of("gateway.storage.sqlite")
     deps = graph()
     assert "gateway.web.context" in deps["gateway.web.api"]  # a plain import
     assert "gateway.sandbox" in deps["gateway.app"]  # an import inside a function
