@@ -7,7 +7,7 @@ dependency order (store and broker, then services, then providers, then routes).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 from starlette.applications import Starlette
@@ -24,7 +24,7 @@ from gateway.admission import Admission
 from gateway.auth import Auth
 from gateway.broker import Broker
 from gateway.clientip import parse_networks
-from gateway.config import Settings
+from gateway.config import DatabaseConfig, Settings
 from gateway.disk import DiskCap
 from gateway.errors import ApiError
 from gateway.limits import Limits
@@ -37,6 +37,7 @@ from gateway.providers.veriphone.routes import mount as mount_veriphone
 from gateway.retention import Retention
 from gateway.sessions import Sessions
 from gateway.starter import Starter
+from gateway.storage.base import Store
 from gateway.storage.sqlite import SqliteStore
 from gateway.tasks import Background
 from gateway.web import api, demo, openapi
@@ -48,12 +49,20 @@ from gateway.webhooks.delivery import WebhookSender
 from gateway.webhooks.signing import SESSION_COMPLETED, completed_event
 
 
+def make_store(db: DatabaseConfig, on_write_seconds: Callable[[float], None] | None = None) -> Store:
+    """PostgreSQL when `database.url` is set, else the SQLite file at `database.path`."""
+    if db.url:
+        # Imported only here: a gateway on its SQLite default never loads the PostgreSQL driver.
+        from gateway.storage.postgres import PgStore
+
+        return PgStore(db.url, min_size=db.pool_min, max_size=db.pool_max, on_write_seconds=on_write_seconds)
+    return SqliteStore(db.path, db.busy_timeout, on_write_seconds=on_write_seconds)
+
+
 def build_gateway(settings: Settings) -> tuple[Gateway, list[BaseRoute]]:
     """Every part of one gateway, and the routes of its providers."""
     metrics = Metrics()
-    store = SqliteStore(
-        settings.database.path, settings.database.busy_timeout, on_write_seconds=metrics.db_write_seconds.observe
-    )
+    store = make_store(settings.database, on_write_seconds=metrics.db_write_seconds.observe)
     broker = Broker(settings.stream.buffer)
     sessions = Sessions(store, broker)
     sessions.on_outcome = metrics.outcome
@@ -118,6 +127,9 @@ _OPENAPI = openapi.encoded()
 async def _metrics(request: Request) -> Response:
     gw = gateway_of(request)
     gw.metrics.open_streams.set(gw.broker.count())
+    listener = gw.store.listener_ok()
+    if listener is not None:
+        gw.metrics.listener_up.set(1 if listener else 0)
     if gw.starter.disk is not None:
         await gw.starter.disk.measure()  # sets gateway_database_bytes
     return Response(gw.metrics.render(), media_type=gw.metrics.content_type)

@@ -9,11 +9,15 @@ Exported (the `_total` / `_bucket` suffixes are added by the exposition format):
   gateway_provider_errors_total{provider,kind}         failed provider calls
   gateway_db_write_seconds                             Database.on_write_seconds (queue → durable commit)
   gateway_database_bytes                               disk.DiskCap (pages in use + WAL; for database.max_size_mb)
+  gateway_instance_info{instance,worker}              this process (host:pid; worker of serve --workers)
+  gateway_listener_up                                  PostgreSQL LISTEN connection up (set at scrape time)
   gateway_limited_total{limit}                         requests refused by an abuse limit ([limits] key)
 """
 
 from __future__ import annotations
 
+import os
+import socket
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -84,6 +88,18 @@ class Metrics:
 
         self.limited_requests = Counter(
             "gateway_limited", "Requests refused by an abuse limit, by its [limits] key", ["limit"], registry=r
+        )
+
+        # Which process answers a scrape: several instances (or --workers) each have their own.
+        self.instance_info = Gauge(
+            "gateway_instance_info",
+            "1, labelled with this process: host:pid, and its worker number under serve --workers",
+            ["instance", "worker"],
+            registry=r,
+        )
+        self.instance_info.labels(f"{socket.gethostname()}:{os.getpid()}", os.environ.get("GATEWAY_WORKER", "")).set(1)
+        self.listener_up = Gauge(
+            "gateway_listener_up", "1 while the shared database's event feed is up (PostgreSQL only)", registry=r
         )
 
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}

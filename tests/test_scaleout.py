@@ -382,3 +382,54 @@ async def test_postgresql_restart_under_open_streams_then_everything_catches_up(
             got = await outcome_on(raw)
             await cm.__aexit__(None, None, None)
             assert [e["event"] for e in got] == ["progress", "outcome"]
+
+
+# --- serve --workers -----------------------------------------------------------------------------
+
+
+async def test_serve_workers_two_processes_share_the_port_restart_a_dead_one_and_stop_cleanly(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    port = free_port()
+    config = tmp_path / "workers.toml"
+    config.write_text(to_toml({"database": {"url": pg_dsn, "pool_min": 1, "pool_max": 4}, "server": {"port": port}}))
+    env = {**os.environ, "PYTHONMALLOC": "malloc"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "serve", "--config", str(config), "--workers", "2", env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+
+    async def workers_seen(connections: int) -> dict[str, str]:
+        """worker number → instance (host:pid), over fresh connections (the kernel spreads them)."""
+        seen: dict[str, str] = {}
+        for _ in range(connections):
+            async with httpx.AsyncClient(base_url=base, timeout=5) as client:
+                text = (await client.get("/metrics")).text
+            line = next(x for x in text.splitlines() if x.startswith("gateway_instance_info{"))
+            labels = dict(part.split("=", 1) for part in line[line.index("{") + 1 : line.index("}")].split(","))
+            seen[labels["worker"].strip('"')] = labels["instance"].strip('"')
+        return seen
+
+    try:
+        await wait_ready(base, proc)
+        async with asyncio.timeout(20):
+            seen = await workers_seen(40)
+            while len(seen) < 2:  # the second worker may still be starting
+                seen.update(await workers_seen(10))
+        assert set(seen) == {"0", "1"}
+        # A worker that dies is started again; the port keeps answering meanwhile.
+        dead_pid = int(seen["0"].rsplit(":", 1)[1])
+        os.kill(dead_pid, signal.SIGKILL)
+        async with asyncio.timeout(20):
+            while True:
+                again = await workers_seen(10)
+                if again.get("0") not in (None, seen["0"]):
+                    break
+        # SIGTERM: both workers stop gracefully and the parent exits 0.
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
