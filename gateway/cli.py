@@ -22,7 +22,8 @@ import uvicorn
 from gateway.config import Settings, load_settings
 from gateway.errors import ConfigError, GatewayError
 from gateway.outcome import rfc3339
-from gateway.storage.sqlite import SqliteStore, apply_migrations
+from gateway.storage.base import Store
+from gateway.storage.sqlite import apply_migrations
 from gateway.workers import MAX_WORKERS, bind, supervise
 
 log = logging.getLogger("gateway")
@@ -134,6 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(args.config)
         if args.command == "migrate":
+            if settings.database.url:
+                asyncio.run(_migrate_shared(settings))
+                return 0
             applied = apply_migrations(settings.database.path, settings.database.busy_timeout)
             print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
             return 0
@@ -184,9 +188,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0 if server.started else 1
 
 
+def _store(settings: Settings) -> Store:
+    from gateway.app import make_store
+
+    return make_store(settings.database)
+
+
+async def _migrate_shared(settings: Settings) -> None:
+    """PostgreSQL: opening the store applies what is pending, under an advisory lock."""
+    store = _store(settings)
+    await store.open()
+    await store.close()
+    print("migrations applied (PostgreSQL)")
+
+
 async def _webhooks(settings: Settings, args: argparse.Namespace) -> int:
     """`gateway webhooks list|retry`: on the same database the gateway uses, safe while it runs."""
-    store = SqliteStore(settings.database.path, settings.database.busy_timeout)
+    store = _store(settings)
     await store.open()
     try:
         if args.action == "retry":
@@ -225,7 +243,7 @@ def _duration(flag: str, text: str) -> float:
 
 async def _stats(settings: Settings, since: float) -> int:
     """`gateway stats`: how many sessions started, reached the provider, and ended how (no personal data)."""
-    store = SqliteStore(settings.database.path, settings.database.busy_timeout)
+    store = _store(settings)
     await store.open()
     try:
         rows = await store.conversion(time.time() - since)

@@ -73,6 +73,12 @@ class DatabaseConfig:
     # New sessions are refused (503 storage_full) while the database holds more than this
     # many MiB (SQLite: pages in use plus the WAL). 0: no cap.
     max_size_mb: int = 1024
+    # PostgreSQL instead of the SQLite file: postgresql://user@host:port/dbname. The password
+    # never sits in this file: GATEWAY_DATABASE_URL (which overrides this key) or libpq's
+    # PGPASSWORD / ~/.pgpass. Empty: SQLite at `path`.
+    url: str = field(default="", repr=False)
+    pool_min: int = 2  # PostgreSQL connections kept open per process
+    pool_max: int = 10  # and at most
 
 
 @dataclass(frozen=True)
@@ -143,6 +149,9 @@ class TruecallerConfig:
     privacy_url: str = ""
     terms_url: str = ""
     callback_timeout: float = 30
+    # Seconds a process owns a stored token's profile fetch; on a shared (PostgreSQL) database
+    # another instance takes the fetch over once it passed with the session still pending.
+    fetch_lease: float = 30
     profile_hosts: tuple[str, ...] = (
         "profile4-noneu.truecaller.com",
         "profile4-eu.truecaller.com",
@@ -181,6 +190,7 @@ class ProvidersConfig:
 
 WEBHOOK_EVENTS = ("session.completed",)
 WEBHOOK_SECRET_ENV = "GATEWAY_WEBHOOK_SECRET"  # noqa: S105 - the variable's name, not a secret
+DATABASE_URL_ENV = "GATEWAY_DATABASE_URL"
 
 
 @dataclass(frozen=True)
@@ -267,6 +277,14 @@ def settings_from_dict(
             ticket_secrets=split_secrets(env.get(TICKET_SECRET_ENV, "")),
         ),
     )
+    if urlsplit(settings.database.url).password is not None:
+        raise ConfigError(
+            f"{source}: database.url: holds a password; put it in {DATABASE_URL_ENV} or PGPASSWORD instead"
+        )
+    if env.get(DATABASE_URL_ENV):
+        settings = dataclasses.replace(
+            settings, database=dataclasses.replace(settings.database, url=env[DATABASE_URL_ENV].strip())
+        )
     _check(settings)
     return settings
 
@@ -444,6 +462,7 @@ def _check(s: Settings) -> None:
         (p + "lang", tc.lang in TRUECALLER_LANGS, "one of " + ", ".join(TRUECALLER_LANGS), tc.lang),
         (p + "callback_timeout", 0 < tc.callback_timeout <= 600, "seconds > 0 and <= 600", tc.callback_timeout),
         (p + "http_timeout", 0 < tc.http_timeout <= 60, "seconds > 0 and <= 60", tc.http_timeout),
+        (p + "fetch_lease", 1 <= tc.fetch_lease <= 600, "seconds from 1 to 600", tc.fetch_lease),
         (p + "profile_hosts", bool(tc.profile_hosts) or not tc.enabled, "at least one host", list(tc.profile_hosts)),
         (p + "privacy_url", tc.privacy_url == "" or _is_url(tc.privacy_url), "an http(s) URL", tc.privacy_url),
         (p + "terms_url", tc.terms_url == "" or _is_url(tc.terms_url), "an http(s) URL", tc.terms_url),
@@ -536,6 +555,12 @@ def _check(s: Settings) -> None:
     for key, ok, expected, got in problems:
         if not ok:
             raise ConfigError(f"{src}: {key}: expected {expected}, got {got!r}")
+    db = s.database
+    # A URL may hold a password (from the environment): an error names it, never shows it.
+    if db.url and urlsplit(db.url).scheme not in ("postgresql", "postgres"):
+        raise ConfigError(f"{src}: database.url (or {DATABASE_URL_ENV}): expected postgresql://user@host:port/dbname")
+    if not 1 <= db.pool_min <= db.pool_max <= 200:
+        raise ConfigError(f"{src}: database.pool_min, pool_max: expected 1 <= pool_min <= pool_max <= 200")
     # The secrets are never echoed, not even in an error.
     for var, values in ((AUTH_KEYS_ENV, s.auth.api_keys), (TICKET_SECRET_ENV, s.auth.ticket_secrets)):
         for number, value in enumerate(values, 1):

@@ -78,6 +78,12 @@ class TokenClaim:
     token_hash: str
     received_at: float
     token_expires_at: float
+    # Until when the storing process owns the fetch; 0: received_at + CLAIM_LEASE.
+    lease_until: float = 0.0
+
+    @property
+    def lease(self) -> float:
+        return self.lease_until or self.received_at + CLAIM_LEASE
 
 
 @dataclass(frozen=True, slots=True)

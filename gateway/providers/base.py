@@ -42,6 +42,9 @@ class Provider(Protocol):
     async def startup(self) -> None:
         """Called once the database is open (e.g. resume work a restart interrupted)."""
 
+    async def run(self) -> None:
+        """Background work for as long as the gateway runs (cancelled at stop); may return at once."""
+
 
 @dataclass(frozen=True)
 class Deps:

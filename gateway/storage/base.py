@@ -7,12 +7,14 @@ one outcome. A backend raises `StorageError` when the database cannot be read or
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gateway.auth import Admitted
 from gateway.outcome import Outcome
 from gateway.records import (
+    CLAIM_LEASE,
     ClaimResult,
     Idempotency,
     OutboxEntry,
@@ -49,8 +51,24 @@ class Finished:
 
 
 class Store(Protocol):
+    # True when several gateway processes may share this database: in-process coordination
+    # (one broker, one process deciding a Truecaller callback) no longer covers them all.
+    shared: bool
+
     async def open(self) -> None:
         """Apply pending migrations and get ready to serve."""
+
+    def watch(self, on_event: Callable[[str, int], None], on_reset: Callable[[], None]) -> None:
+        """Before `open`: be told (session id, event id) of every event any process commits.
+
+        A shared store calls `on_event` for events of every process, this one's included, and
+        `on_reset` after it lost and regained its feed (events may have been missed: streams
+        should reconnect and catch up from the database). A store only one process uses
+        never calls either.
+        """
+
+    def listener_ok(self) -> bool | None:
+        """Whether the event feed of `watch` is up; None for a store without one."""
 
     async def close(self) -> None: ...
 
@@ -94,6 +112,9 @@ class Store(Protocol):
 
     async def outcome_event(self, session_id: str) -> StoredEvent | None: ...
 
+    async def event(self, session_id: str, event_id: int) -> StoredEvent | None:
+        """One stored event of the session (a shared store's feed names it by id)."""
+
     async def update_provider_data(
         self, session_id: str, changes: dict[str, Any], *, now: float, expires_at: float | None
     ) -> bool:
@@ -122,12 +143,14 @@ class Store(Protocol):
         now: float,
         release_claim: bool = False,
         webhook: WebhookEvent | None = None,
+        unless_claimed: bool = False,
     ) -> Finished | None:
         """Store the terminal outcome of a pending session; None if it was not pending.
 
         `release_claim` deletes the session's stored token in the same transaction, whether
         or not this outcome wins. `webhook` makes the outbox event that is stored in the same
-        transaction as a winning outcome: never one without the other.
+        transaction as a winning outcome: never one without the other. `unless_claimed`: no
+        outcome if a Truecaller token is stored for the session (its fetch decides).
         """
 
     async def progress_and_finish(
@@ -167,12 +190,20 @@ class Store(Protocol):
 
     async def has_claim(self, session_id: str) -> bool: ...
 
-    async def pending_claims(self) -> list[PendingClaim]:
-        """Drop the stored tokens of finished sessions; return those of pending ones."""
+    async def pending_claims(self, now: float, lease: float = CLAIM_LEASE) -> list[PendingClaim]:
+        """Drop the stored tokens of finished sessions; take over those of pending ones whose
+        lease has passed (their fetch's process died), each for `lease` seconds from `now`.
+
+        Of several processes asking at once, each claim goes to exactly one. A store only one
+        process uses voids every lease when it opens: whatever is stored then was interrupted.
+        """
 
     # -- the webhook outbox --------------------------------------------------------------
     async def outbox_due(self, now: float, limit: int) -> list[OutboxItem]:
-        """Pending webhooks whose next attempt is due, oldest first."""
+        """Pending webhooks whose next attempt is due, oldest first.
+
+        A shared store leases them (`OUTBOX_LEASE`): no other process gets them meanwhile.
+        """
 
     async def outbox_next_due(self) -> float | None:
         """When the next pending webhook is due."""

@@ -33,6 +33,7 @@ from gateway.auth import Admitted
 from gateway.errors import StorageError
 from gateway.outcome import Outcome, scrub_outcome
 from gateway.records import (
+    CLAIM_LEASE,
     TOKEN_MEMORY,
     ClaimResult,
     Idempotency,
@@ -436,6 +437,8 @@ def _dumps(data: object) -> str:
 class SqliteStore:
     """`Store` on one SQLite file: point reads on the loop, scans via aiosqlite, one group-commit writer."""
 
+    shared = False  # one process: `gateway serve --workers` refuses SQLite
+
     def __init__(
         self, path: str, busy_timeout_ms: int = 5000, on_write_seconds: Callable[[float], None] | None = None
     ) -> None:
@@ -446,8 +449,20 @@ class SqliteStore:
     async def open(self) -> None:
         await self.db.open()
 
+        # One process uses this file: a fetch lease stored before is a dead process's.
+        def void_leases(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE truecaller_callbacks SET lease_until = 0 WHERE lease_until != 0")
+
+        await self.db.write(void_leases)
+
     async def close(self) -> None:
         await self.db.close()
+
+    def watch(self, on_event: Callable[[str, int], None], on_reset: Callable[[], None]) -> None:
+        """Nothing to watch: this process's own broker hears every event of this store."""
+
+    def listener_ok(self) -> bool | None:
+        return None
 
     async def ping(self) -> None:
         await self.db.fetchone("SELECT 1")
@@ -567,6 +582,12 @@ class SqliteStore:
         )
         return StoredEvent(row["id"], row["kind"], json.loads(row["data"])) if row else None
 
+    async def event(self, session_id: str, event_id: int) -> StoredEvent | None:
+        rows = self.db.lookup(
+            "SELECT id, kind, data FROM session_events WHERE id = ? AND session_id = ?", (event_id, session_id)
+        )
+        return StoredEvent(rows[0][0], rows[0][1], json.loads(rows[0][2])) if rows else None
+
     async def update_provider_data(
         self, session_id: str, changes: dict[str, Any], *, now: float, expires_at: float | None
     ) -> bool:
@@ -605,8 +626,9 @@ class SqliteStore:
         now: float,
         release_claim: bool = False,
         webhook: WebhookEvent | None = None,
+        unless_claimed: bool = False,
     ) -> Finished | None:
-        return await self.db.write(self._finish_write(session_id, outcome, now, release_claim, webhook))
+        return await self.db.write(self._finish_write(session_id, outcome, now, release_claim, webhook, unless_claimed))
 
     async def progress_and_finish(
         self,
@@ -659,14 +681,22 @@ class SqliteStore:
         return insert
 
     def _finish_write(
-        self, session_id: str, outcome: Outcome, now: float, release_claim: bool, webhook: WebhookEvent | None
+        self,
+        session_id: str,
+        outcome: Outcome,
+        now: float,
+        release_claim: bool,
+        webhook: WebhookEvent | None,
+        unless_claimed: bool = False,
     ) -> Callable[[sqlite3.Connection], Finished | None]:
+        sql = "SELECT provider, user_ref FROM sessions WHERE id = ? AND status = 'pending'"
+        if unless_claimed:
+            sql += " AND NOT EXISTS (SELECT 1 FROM truecaller_callbacks c WHERE c.session_id = sessions.id)"
+
         def update(conn: sqlite3.Connection) -> Finished | None:
             if release_claim:  # the fetch is over, whatever its outcome and whoever wins
                 conn.execute("DELETE FROM truecaller_callbacks WHERE session_id = ?", (session_id,))
-            row = conn.execute(
-                "SELECT provider, user_ref FROM sessions WHERE id = ? AND status = 'pending'", (session_id,)
-            ).fetchone()
+            row = conn.execute(sql, (session_id,)).fetchone()
             if row is None:
                 return None
             body = outcome.to_json(provider=row["provider"], user_ref=row["user_ref"], completed_at=now)
@@ -772,18 +802,20 @@ class SqliteStore:
         row = await self.db.fetchone("SELECT 1 FROM truecaller_callbacks WHERE session_id = ?", (session_id,))
         return row is not None
 
-    async def pending_claims(self) -> list[PendingClaim]:
-        def delete_finished(conn: sqlite3.Connection) -> None:
+    async def pending_claims(self, now: float, lease: float = CLAIM_LEASE) -> list[PendingClaim]:
+        def take(conn: sqlite3.Connection) -> list[sqlite3.Row]:
             conn.execute(
                 "DELETE FROM truecaller_callbacks"
                 " WHERE session_id NOT IN (SELECT id FROM sessions WHERE status = 'pending')"
             )
+            return conn.execute(
+                "UPDATE truecaller_callbacks SET lease_until = ? WHERE lease_until <= ?"
+                " RETURNING session_id, endpoint, access_token, token_expires_at,"
+                " (SELECT phone FROM sessions s WHERE s.id = session_id) AS phone",
+                (now + lease, now),
+            ).fetchall()
 
-        await self.db.write(delete_finished)
-        rows = await self.db.fetchall(
-            "SELECT c.session_id, c.endpoint, c.access_token, c.token_expires_at, s.phone"
-            " FROM truecaller_callbacks c JOIN sessions s ON s.id = c.session_id WHERE s.status = 'pending'"
-        )
+        rows = await self.db.write(take)
         return [
             PendingClaim(r["session_id"], r["phone"], r["endpoint"], r["access_token"], r["token_expires_at"])
             for r in rows
@@ -807,10 +839,18 @@ class SqliteStore:
         # One statement decides: the session must be pending and have no callback yet, so of
         # any number of racing callbacks exactly one is stored and goes on to fetch.
         cur = conn.execute(
-            "INSERT INTO truecaller_callbacks (session_id, endpoint, access_token, received_at, token_expires_at)"
-            " SELECT id, ?, ?, ?, ? FROM sessions WHERE id = ? AND status = 'pending'"
+            "INSERT INTO truecaller_callbacks"
+            " (session_id, endpoint, access_token, received_at, token_expires_at, lease_until)"
+            " SELECT id, ?, ?, ?, ?, ? FROM sessions WHERE id = ? AND status = 'pending'"
             " ON CONFLICT (session_id) DO NOTHING",
-            (claim.endpoint, claim.access_token, received, claim.token_expires_at, claim.session_id),
+            (
+                claim.endpoint,
+                claim.access_token,
+                received,
+                claim.token_expires_at,
+                claim.lease,
+                claim.session_id,
+            ),
         )
         if cur.rowcount == 1:
             return "stored"

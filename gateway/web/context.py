@@ -73,6 +73,7 @@ class Gateway:
             ("retention", self.retention.run()),
             ("memory", self.memory.run()),
             *([("webhooks", self.webhooks.run())] if self.webhooks else []),
+            *((f"provider-{name}", provider.run()) for name, provider in self.providers.items()),
         ):
             self.periodic[name] = asyncio.create_task(loop, name=name)
 

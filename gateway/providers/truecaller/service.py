@@ -33,7 +33,7 @@ from gateway.providers.truecaller.decode import (
 )
 from gateway.providers.truecaller.endpoint_guard import CheckedEndpoint, Resolver, check_endpoint
 from gateway.providers.truecaller.profile_client import ProfileClient
-from gateway.records import CLAIM_LEASE, TOKEN_LIFETIME, ClaimResult, Session, TokenClaim
+from gateway.records import TOKEN_LIFETIME, ClaimResult, Session, TokenClaim
 from gateway.sessions import public_ref
 
 log = logging.getLogger("gateway.truecaller")
@@ -121,14 +121,14 @@ class Truecaller:
         if not self.store.shared:
             return  # one process: startup took over everything there was
         while True:
-            await asyncio.sleep(CLAIM_LEASE / 3)
+            await asyncio.sleep(self.cfg.fetch_lease / 3)
             try:
                 await self._take_over()
             except Exception:
                 log.warning("taking over interrupted truecaller fetches failed; will retry", exc_info=True)
 
     async def _take_over(self) -> None:
-        claims = await self.store.pending_claims(self.sessions.clock())
+        claims = await self.store.pending_claims(self.sessions.clock(), self.cfg.fetch_lease)
         if claims:
             log.info("resuming interrupted truecaller profile fetches", extra={"count": len(claims)})
         for c in claims:
@@ -179,7 +179,15 @@ class Truecaller:
             if deciding is None or deciding.done():  # no other callback of the session began deciding meanwhile
                 break
         received = self.sessions.clock()
-        claim = TokenClaim(sid, endpoint.url, callback.access_token, token_hash, received, received + TOKEN_LIFETIME)
+        claim = TokenClaim(
+            sid,
+            endpoint.url,
+            callback.access_token,
+            token_hash,
+            received,
+            received + TOKEN_LIFETIME,
+            lease_until=received + self.cfg.fetch_lease,
+        )
         # The profile is fetched at once, before the token is durable (a delivery sooner by
         # the fetch's round trip), unless a fetch already runs for the session or the token
         # is known to belong to another one, so a replay causes no request.
