@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
+import shutil
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -210,3 +212,29 @@ def test_config_checks_keys_and_secrets_without_echoing_them() -> None:
         settings_from_dict({"auth": {"api_keys": [KEYS[0]]}})  # keys only from the environment
     settings = settings_from_dict({"auth": {"require": True}}, env={"GATEWAY_API_KEYS": " ".join(KEYS)})
     assert settings.auth.api_keys == KEYS and KEYS[0] not in repr(settings)
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_block(lang: str, marker: str) -> str:
+    for block in re.finditer(rf"```{lang}\n(.*?)```", README.read_text(encoding="utf-8"), re.DOTALL):
+        if marker in block.group(1):
+            return block.group(1)
+    raise AssertionError(f"no {lang} block with {marker} in README.md")
+
+
+def test_the_readme_ticket_helpers_make_tickets_the_gateway_accepts(monkeypatch: pytest.MonkeyPatch) -> None:
+    auth = Auth(ticket_secrets=SECRETS)
+    monkeypatch.setenv("GATEWAY_TICKET_SECRET", f"{SECRETS[1]}, {SECRETS[0]}")
+    helpers: dict[str, Any] = {}
+    exec(readme_block("python", "def start_ticket"), helpers)  # the README's own example
+    for user_ref, phone in (("user-42", PHONE), (None, None)):
+        auth.admit(helpers["start_ticket"](user_ref, phone), user_ref=user_ref, phone=phone, now=time.time())
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: the Node helper is not checked")
+    script = readme_block("js", "function startTicket")
+    script += "process.stdout.write(startTicket('user-42', process.argv[1]));"
+    made = subprocess.run([node, "-e", script, PHONE], capture_output=True, text=True, timeout=30, check=True)
+    auth.admit(made.stdout, user_ref="user-42", phone=PHONE, now=time.time())

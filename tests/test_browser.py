@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import secrets
 import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -32,12 +33,14 @@ from playwright.async_api import (
     async_playwright,
     expect,
 )
+from playwright.async_api import Request as PageRequest
 from playwright.async_api import TimeoutError as PlaywrightTimeout
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
+from gateway.config import settings_from_dict
 from gateway.sessions import public_ref
 from tests.utils import Running, make_settings, run_gateway, run_sandbox_gateway, serve_app
 
@@ -305,6 +308,35 @@ async def test_demo_without_sandbox_falls_back_when_no_app_takes_the_deeplink(
         await expect(page.locator("#fallback")).to_contain_text("Truecaller is not available")
         assert any(url.startswith("truecallersdk://truesdk/web_verify?") for _, url in traffic.requests)
         assert traffic.streams() == []  # no app, so no stream was opened
+
+
+async def test_demo_sends_a_start_ticket_when_the_gateway_requires_one(
+    tmp_path: Path, context: tuple[BrowserContext, Traffic]
+) -> None:
+    # auth.require: the demo gets a ticket from the sandbox (the site's backend) and verify.js
+    # sends it as Authorization: Ticket …; the ticket starts one session, and only one.
+    raw = {"database": {"path": str(tmp_path / "auth.db")}, "logging": {"format": "json"}, "auth": {"require": True}}
+    settings = settings_from_dict(raw, env={"GATEWAY_TICKET_SECRET": secrets.token_urlsafe(32)})
+    async with run_sandbox_gateway(settings) as gw:
+        ctx, _ = context
+        page = await ctx.new_page()
+        await page.goto(gw.url + "/demo")
+        async with page.expect_popup() as popup_info, page.expect_request(created_request) as request_info:
+            await page.click("#btn-truecaller")
+        authorization = (await (await request_info.value).all_headers())["authorization"]
+        assert re.fullmatch(r"Ticket v1\.[0-9]+\.[\w-]+\.[\w-]{43}", authorization)
+        dialog = await popup_info.value
+        await dialog.get_by_role("button", name="Continue").click()
+        await state(page, "done")
+        await expect(page.locator("#outcome-status")).to_have_text("verified")
+        async with gw.client() as client:
+            for headers in ({"authorization": authorization}, {}):
+                again = await client.post("/v1/sessions", json={"provider": "truecaller"}, headers=headers)
+                assert again.status_code == 401
+
+
+def created_request(request: PageRequest) -> bool:
+    return request.method == "POST" and request.url.split("?")[0].endswith("/v1/sessions")
 
 
 # --- (b) Veriph.One through the demo and the sandbox's hosted page --------------------------

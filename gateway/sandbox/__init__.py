@@ -41,6 +41,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
+from gateway.auth import make_ticket
 from gateway.config import Settings
 from gateway.errors import ConfigError
 from gateway.outcome import rfc3339
@@ -206,6 +207,7 @@ SCRIPTED_VERIPHONE: dict[str, int] = {
 }
 SCRIPT_PAUSE = 0.2  # seconds before a scripted user acts: a page has time to open its stream
 FAULTS_MOUNT = "/sandbox/faults"
+TICKET_PATH = "/sandbox/ticket"
 SLOW_PROFILE_SECONDS = 2.0
 
 
@@ -296,6 +298,7 @@ class Sandbox:
             Route(FAULTS_MOUNT + "/error", self.failing_profile, methods=["GET"]),
             Route(WEBHOOKS_RECEIVE, self.receive_webhook, methods=["POST"]),
             Route(WEBHOOKS_LIST, self.list_webhooks, methods=["GET"]),
+            Route(TICKET_PATH, self.mint_ticket, methods=["POST"]),
             Mount(TRUECALLER_MOUNT, app=self.truecaller_app),
             Mount(VERIPHONE_MOUNT, app=self.veriphone_app),
         ]
@@ -308,6 +311,23 @@ class Sandbox:
         _trim(self.veriphone.result_calls)
 
     # --- the fake site backend ---------------------------------------------------------------
+
+    async def mint_ticket(self, request: Request) -> Response:
+        """What a site's backend does for its page: a start ticket for this phone and user_ref (60 s).
+
+        Signed with the first GATEWAY_TICKET_SECRET; the demo asks for one when `auth.require` is on.
+        """
+        keys = self.gw.settings.auth.ticket_secrets
+        if not keys:
+            return JSONResponse({"error": {"code": "no_ticket_secret", "message": "set GATEWAY_TICKET_SECRET"}}, 404)
+        try:
+            body = json.loads(await request.body())
+        except ValueError:
+            body = None
+        body = body if isinstance(body, dict) else {}
+        fields = {k: v if isinstance(v, str) and v else None for k, v in body.items() if k in ("phone", "user_ref")}
+        ticket = make_ticket(keys[0], exp=int(time.time()) + 60, **fields)
+        return Response(ticket, media_type="text/plain", headers={"cache-control": "no-store"})
 
     # --- scripted numbers ----------------------------------------------------------------
 

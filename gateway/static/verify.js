@@ -91,7 +91,7 @@
 
   // One verification attempt. `saved` is a session created earlier (resume after redirect).
   function run(options, saved) {
-    const o = { gatewayUrl: '', veriphoneWindow: 'popup', pollInterval: 3000, ...options };
+    const o = { pollInterval: 3000, ...options }; // veriphoneWindow: 'popup' unless 'same'
     const base = String(o.gatewayUrl || '').replace(/\/$/, '');
     const ctl = new AbortController();
     const handle = { sessionId: saved ? saved.id : null, cancel: () => cleanup() };
@@ -228,7 +228,7 @@
     function launch(s) {
       if (o.provider === 'truecaller') {
         const link = s.truecaller && s.truecaller.deeplink;
-        if (!link) throw new Error('no Truecaller deep link in the gateway answer');
+        if (!link) throw new Error('no deep link');
         if (typeof o.openDeeplink === 'function') o.openDeeplink(link);
         else window.location.href = link;
         if (o.skipFocusCheck) return subscribe(s);
@@ -239,7 +239,7 @@
         return;
       }
       const url = s.veriphone && s.veriphone.redirect_url;
-      if (!url) throw new Error('no Veriph.One redirect URL in the gateway answer');
+      if (!url) throw new Error('no redirect URL');
       if (popup && !popup.closed) {
         popup.location.href = url;
       } else {
@@ -263,12 +263,14 @@
     async function create() {
       let s;
       try {
-        const body = { provider: o.provider };
-        if (o.phone) body.phone = o.phone;
-        if (o.userRef) body.user_ref = o.userRef;
+        // JSON.stringify leaves out the fields that are undefined.
+        const body = { provider: o.provider, phone: o.phone || undefined, user_ref: o.userRef || undefined };
+        // A start ticket from the site's backend (when the gateway requires one): a string, or a
+        // function of the body returning one (or its Promise), called now, e.g. to fetch it.
+        const t = typeof o.ticket == 'function' ? await o.ticket(body) : o.ticket;
         const res = await fetch(base + '/v1/sessions', {
           method: 'POST',
-          headers: { 'Content-Type': 'application/json', Accept: 'application/json' },
+          headers: { 'Content-Type': 'application/json', Accept: 'application/json', ...(t && { Authorization: 'Ticket ' + t }) },
           body: JSON.stringify(body),
           signal: ctl.signal,
         });

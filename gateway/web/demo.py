@@ -22,17 +22,19 @@ from gateway.config import Settings
 
 DEMO_PATH = "/demo"
 SANDBOX_HOOK = "<script>window.GATEWAY_DEMO={sandbox:true}</script>"
+# With auth.require in sandbox mode: the page gets each start ticket from /sandbox/ticket.
+TICKETS_HOOK = "<script>window.GATEWAY_DEMO_TICKETS=true</script>"
 _INLINE_SCRIPT = re.compile(r"<script>(.*?)</script>", re.DOTALL)
 _INLINE_STYLE = re.compile(r"<style>(.*?)</style>", re.DOTALL)
 
 
-def demo_html(*, sandbox: bool) -> str:
+def demo_html(*, sandbox: bool, tickets: bool = False) -> str:
     """The demo page, with the sandbox hook injected before its first script when asked."""
     page = (resources.files("gateway") / "static" / "demo.html").read_text(encoding="utf-8")
     if sandbox:
         # At the end of <head>: before verify.js and the page's script, so it is set whenever they read it.
         at = page.index("</head>")
-        page = page[:at] + SANDBOX_HOOK + "\n" + page[at:]
+        page = page[:at] + (TICKETS_HOOK + "\n" if tickets else "") + SANDBOX_HOOK + "\n" + page[at:]
     return page
 
 
@@ -58,7 +60,7 @@ def routes(settings: Settings) -> list[BaseRoute]:
     hidden: list[BaseRoute] = [Route("/static/demo.html", _not_found, methods=["GET"])]
     if not (settings.server.demo or settings.sandbox):
         return hidden
-    page = demo_html(sandbox=settings.sandbox)
+    page = demo_html(sandbox=settings.sandbox, tickets=settings.auth.require)
     headers = {
         "content-security-policy": content_security_policy(page),
         "cache-control": "no-store",
