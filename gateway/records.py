@@ -129,6 +129,11 @@ class OutboxEntry:
     last_error: str | None
 
 
+class IdempotencyKeyTaken(Exception):
+    """`Store.create`: another start stored this Idempotency-Key first (another process, on a
+    shared database); nothing was stored, and the caller answers as that start did."""
+
+
 @dataclass(frozen=True, slots=True)
 class Idempotency:
     """An Idempotency-Key of a session start: stored with the session, answered again on a repeat."""

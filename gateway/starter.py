@@ -17,7 +17,7 @@ from gateway.disk import DiskCap
 from gateway.errors import BadRequest, Conflict, Unauthorized
 from gateway.metrics import Metrics
 from gateway.providers.base import Client, Prepared, Provider
-from gateway.records import Idempotency, Session
+from gateway.records import Idempotency, IdempotencyKeyTaken, Session
 from gateway.sessions import PROVIDERS, Sessions, new_session_id
 
 _E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
@@ -167,16 +167,20 @@ class Starter:
                     )
                 return stored.answer, True
             running = self._starting.get(key_hash)
-            if running is None:
-                break
-            await asyncio.wait((running,))  # the first request with this key decides; then look again
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._starting[key_hash] = done
-        try:
-            session, prepared = await self.start(
-                provider_name, phone, user_ref, client, remember=(key_hash, body_hash), credential=credential
-            )
-        finally:
-            del self._starting[key_hash]
-            done.set_result(None)
-        return created_answer(session, prepared), False
+            if running is not None:
+                await asyncio.wait((running,))  # the first request with this key decides; then look again
+                continue
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._starting[key_hash] = done
+            try:
+                session, prepared = await self.start(
+                    provider_name, phone, user_ref, client, remember=(key_hash, body_hash), credential=credential
+                )
+            except IdempotencyKeyTaken:
+                # Another instance on the shared database stored this key first (its provider
+                # call and ours both happened; only its session was stored): answer as it did.
+                continue
+            finally:
+                del self._starting[key_hash]
+                done.set_result(None)
+            return created_answer(session, prepared), False

@@ -271,6 +271,23 @@ async def test_rejection_racing_a_token_over_instances_gives_one_outcome(three: 
             assert replay[-1]["data"]["status"] == final["status"]
 
 
+async def test_one_idempotency_key_sent_to_every_instance_at_once_starts_one_session(three: Cluster) -> None:
+    clients = [i.client() for i in three.instances]
+    try:
+        for round_ in range(5):
+            key = f"order-{round_}-{random.random()}"
+            body = {"provider": "truecaller", "phone": PHONE}
+            answers = await asyncio.gather(
+                *(clients[n % 3].post("/v1/sessions", json=body, headers={"idempotency-key": key}) for n in range(12))
+            )
+            assert {a.status_code for a in answers} == {201}, [a.text for a in answers if a.status_code != 201]
+            assert len({a.json()["id"] for a in answers}) == 1  # every instance answers with the one session
+            assert sum(a.headers.get("idempotent-replayed") == "true" for a in answers) == 11
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
 # --- instances dying -----------------------------------------------------------------------------
 
 

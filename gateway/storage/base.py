@@ -81,6 +81,9 @@ class Store(Protocol):
     ) -> bool:
         """Insert a new session, and its Idempotency-Key and start ticket in the same transaction.
 
+        Raises IdempotencyKeyTaken, with nothing stored, if the key is stored already (another
+        process's start with the same key won).
+
         False, with nothing stored, if the ticket's hash is stored already (a ticket starts one session).
         """
 

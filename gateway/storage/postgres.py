@@ -37,6 +37,7 @@ from gateway.records import (
     TOKEN_MEMORY,
     ClaimResult,
     Idempotency,
+    IdempotencyKeyTaken,
     OutboxEntry,
     OutboxItem,
     OutboxResult,
@@ -424,15 +425,17 @@ class PgStore:
                     idempotency.key_hash,
                     session.created_at,
                 )
-                await conn.execute(
+                taken = await conn.execute(
                     "INSERT INTO idempotency_keys (key_hash, body_hash, session_id, answer, expires_at)"
-                    " VALUES ($1, $2, $3, $4, $5)",
+                    " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (key_hash) DO NOTHING",
                     idempotency.key_hash,
                     idempotency.body_hash,
                     session.id,
                     _dumps(idempotency.answer),
                     idempotency.expires_at,
                 )
+                if _count(taken) != 1:
+                    raise IdempotencyKeyTaken  # rolls the transaction back: the session too
             return True
 
         return await self._write(insert, transaction=idempotency is not None or ticket is not None)

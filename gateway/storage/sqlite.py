@@ -37,6 +37,7 @@ from gateway.records import (
     TOKEN_MEMORY,
     ClaimResult,
     Idempotency,
+    IdempotencyKeyTaken,
     OutboxEntry,
     OutboxItem,
     OutboxResult,
@@ -504,9 +505,9 @@ class SqliteStore:
                     "DELETE FROM idempotency_keys WHERE key_hash = ? AND expires_at <= ?",
                     (idempotency.key_hash, session.created_at),
                 )
-                conn.execute(
+                taken = conn.execute(
                     "INSERT INTO idempotency_keys (key_hash, body_hash, session_id, answer, expires_at)"
-                    " VALUES (?, ?, ?, ?, ?)",
+                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (key_hash) DO NOTHING",
                     (
                         idempotency.key_hash,
                         idempotency.body_hash,
@@ -515,6 +516,8 @@ class SqliteStore:
                         idempotency.expires_at,
                     ),
                 )
+                if taken.rowcount != 1:
+                    raise IdempotencyKeyTaken  # undoes this write's savepoint: the session too
             return True
 
         return await self.db.write(insert)
