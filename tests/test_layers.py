@@ -67,7 +67,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     # The fakes and the sandbox that mounts them: outside the core, loaded only with --sandbox.
     ("sandbox", ["gateway.sandbox", "gateway.sandbox.*", "gateway.providers.*.fake"]),
     ("app factory", ["gateway.app"]),
-    ("command line", ["gateway.cli", "gateway.launch", "gateway.__main__", "gateway.doctor"]),
+    ("command line", ["gateway.cli", "gateway.launch", "gateway.__main__", "gateway.doctor", "gateway.workers"]),
 ]
 # Only the sandbox may load a fake provider (tests and the benchmark use them too), and only
 # the app factory and the command line load the sandbox.

@@ -126,9 +126,14 @@ async def readyz(request: Request) -> Response:
         await gw.store.ping()
     except Exception:
         return JSONResponse({"status": "unavailable", "database": "unreachable"}, status_code=503)
+    # On a shared database, a process whose event feed is down cannot push what others commit.
+    listener = gw.store.listener_ok()
+    feed = {} if listener is None else {"listener": "up" if listener else "down"}
+    if listener is False:
+        return JSONResponse({"status": "unavailable", "database": "ok", **feed}, status_code=503)
     if gw.shutting_down:
         return JSONResponse({"status": "shutting_down"}, status_code=503)
-    return JSONResponse({"status": "ready"})
+    return JSONResponse({"status": "ready", "database": "ok", **feed})
 
 
 def routes(gw: Gateway) -> list[BaseRoute]:
