@@ -7,6 +7,7 @@ python -m bench --report bench/results/latest.json --markdown   # re-render, no 
 python -m bench --profile --memory-profile       # also py-spy and tracemalloc breakdowns
 python -m bench --profile-client-ab --markdown   # only: lean profile client vs httpx (~2 min)
 python -m bench --webhooks-ab --markdown         # only: webhooks off vs on, a slow receiver (~2 min)
+python -m bench --limits-ab --markdown           # only: abuse limits off vs on, the honest path (~2 min)
 python -m bench --reconnect-storm --streams 10000 # only: reconnects per 100 ms after a restart
 """
 
@@ -27,7 +28,7 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-PHASES = ("streams", "throughput", "polling", "profile-client-ab", "webhooks-ab", "reconnect-storm")
+PHASES = ("streams", "throughput", "polling", "profile-client-ab", "webhooks-ab", "limits-ab", "reconnect-storm")
 
 
 def _phases(text: str) -> tuple[str, ...]:
@@ -98,6 +99,11 @@ def parser() -> argparse.ArgumentParser:
         help="run only the A/B of webhooks off vs on, to a slow receiver (= --phases webhooks-ab)",
     )
     p.add_argument(
+        "--limits-ab",
+        action="store_true",
+        help="run only the A/B of [limits] off vs on, the honest path (= --phases limits-ab)",
+    )
+    p.add_argument(
         "--ab-rounds",
         type=int,
         default=2,
@@ -140,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.profile_client_ab
             else ("webhooks-ab",)
             if args.webhooks_ab
+            else ("limits-ab",)
+            if args.limits_ab
             else ("reconnect-storm",)
             if args.reconnect_storm
             else _phases(args.phases),

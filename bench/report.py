@@ -315,6 +315,9 @@ def rows(results: dict[str, Any]) -> list[Row]:
     wh = results.get("webhooks_ab")
     if wh:
         out += webhooks_rows(wh)
+    lim = results.get("limits_ab")
+    if lim:
+        out += limits_rows(lim)
     for run in (results.get("reconnect_storm") or {}).get("runs", []):
         p5, p95 = run["spread_p5_p95_s"] or (float("nan"), float("nan"))
         out.append(
@@ -372,6 +375,45 @@ def webhooks_rows(wh: dict[str, Any]) -> list[Row]:
             f"{r['verifications_per_s']:.3f}; {r['delivery_p50']:.3f}; {r['delivery_p99']:.3f}",
             "every webhook delivered",
             "met" if wh["all_delivered"] else "MISSED",
+        )
+    )
+    return out
+
+
+def limits_rows(lim: dict[str, Any]) -> list[Row]:
+    """[limits] off against on: every leg, each mode over its legs, on : off."""
+    out: list[Row] = []
+    for leg in lim["legs"]:
+        flow, lat = leg["throughput"], leg["delivery"]["latency"]
+        out.append(
+            (
+                f"[limits leg {leg['leg']}: {leg['mode']}] Verifications/s; delivery p50/p99 "
+                f"({lat['samples']} paced samples); refused",
+                f"{_num(flow['verifications_per_s'], 0)}/s (errors {flow['errors']}); "
+                f"{_dist(lat['e2e_ms'], ('p50', 'p99'))} ms; {leg['refused']}",
+                "",
+                "",
+            )
+        )
+    for name, m in lim["modes"].items():
+        out.append(
+            (
+                f"[limits] {name} over its {m['legs']} legs: verifications/s (mean); delivery p50/p99 "
+                f"(all {m['delivery_ms']['n']} paced samples)",
+                f"{_num(m['verifications_per_s'], 0)}/s "
+                f"({', '.join(_num(v, 0) for v in m['verifications_per_s_legs'])}); "
+                f"{_dist(m['delivery_ms'], ('p50', 'p99'))} ms",
+                "",
+                "",
+            )
+        )
+    r = lim["ratio_on_to_off"]
+    out.append(
+        (
+            "[limits] on : off, verifications/s; delivery p50; delivery p99",
+            f"{r['verifications_per_s']:.3f}; {r['delivery_p50']:.3f}; {r['delivery_p99']:.3f}",
+            "no honest request refused",
+            "met" if lim["none_refused"] else "MISSED",
         )
     )
     return out

@@ -54,6 +54,21 @@ AB_WARMUP = 8  # verifications on every A/B gateway before the delivery measurem
 WEBHOOK_MODES = ("off", "on")
 WEBHOOK_RECEIVER_DELAY_MS = 20.0
 WEBHOOK_DRAIN_TIMEOUT = 120.0
+# The limits A/B (`python -m bench --limits-ab`): every [limits] check on, against all off.
+LIMIT_MODES = ("off", "on")
+# "on" keeps the defaults but runs every check in full for the bench's clients, which all come
+# from 127.0.0.1: that address is not exempt, and its per-address allowances are raised so the
+# honest load is never refused (the checks cost the same whatever the numbers are).
+LIMITS_ON = """
+[limits]
+enabled = true
+exempt = []
+sessions_per_ip_burst = 1000000
+sessions_per_ip_rate = 6000000
+callbacks_per_ip_burst = 1000000
+callbacks_per_ip_rate = 6000000
+streams_per_ip = 10000
+"""
 AB_RULE = (
     "httpx is within 15% when its verifications/s are at least 85% of the lean client's and its "
     "paced delivery p50 at most 115% of the lean client's (each client over all of its legs)"
@@ -269,6 +284,7 @@ class Bench:
         traced: Path | None = None,
         profile_client: str | None = None,
         webhooks: str | None = None,
+        limits: str | None = None,
         port: int | None = None,
         server_extra: str = "",
         stream_extra: str = "",
@@ -285,6 +301,8 @@ class Bench:
         )
         if webhooks is not None:
             text += f'\n[webhooks]\nurl = "{webhooks}"\nconcurrency = 8\nmax_attempts = 100\n'
+        if limits is not None:
+            text += LIMITS_ON if limits == "on" else "\n[limits]\nenabled = false\n"
         config.write_text(text)
         runner: list[str] = []
         if traced is not None:
@@ -864,6 +882,46 @@ class Bench:
             "all_delivered": all(leg["webhooks"]["all_delivered"] for leg in legs if leg["mode"] == "on"),
         }
 
+    def limits_ab_phase(self) -> dict[str, Any]:
+        """[limits] off against on (LIMITS_ON), alternating in fresh gateways, same legs as the other A/Bs.
+
+        Every leg must finish without a refusal: gateway_limited_total stays 0.
+        """
+        opts = self.opts
+        order = [m for r in range(opts.ab_rounds) for m in (LIMIT_MODES if r % 2 == 0 else LIMIT_MODES[::-1])]
+        sample = max(opts.sample, 4)
+        legs: list[dict[str, Any]] = []
+        paced: dict[str, list[float]] = {m: [] for m in LIMIT_MODES}
+        for k, mode in enumerate(order, 1):
+            log(opts, f"limits A/B, leg {k} of {len(order)}: {mode}")
+            label = f"limits-{k}-{mode}"
+            svc = self.start_gateway(label, limits=mode)
+            delivery, e2e, flow = self._ab_leg(svc, label, sample)
+            paced[mode] += e2e
+            _, body = procs.http_get(svc.port, "/metrics")
+            refused = sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in body.decode().splitlines()
+                if line.startswith("gateway_limited_total{")
+            )
+            self.stop_gateway(svc, label)
+            legs.append({"leg": k, "mode": mode, "delivery": delivery, "throughput": flow, "refused": int(refused)})
+        modes = {m: _ab_client([leg for leg in legs if leg["mode"] == m], paced[m]) for m in LIMIT_MODES}
+        off, on = modes["off"], modes["on"]
+        return {
+            "rounds": opts.ab_rounds,
+            "order": order,
+            "sample": sample,
+            "legs": legs,
+            "modes": modes,
+            "ratio_on_to_off": {
+                "verifications_per_s": on["verifications_per_s"] / off["verifications_per_s"],
+                "delivery_p50": on["delivery_ms"]["p50"] / off["delivery_ms"]["p50"],
+                "delivery_p99": on["delivery_ms"]["p99"] / off["delivery_ms"]["p99"],
+            },
+            "none_refused": all(leg["refused"] == 0 for leg in legs),
+        }
+
     def _drain(self, svc: Service, receiver_port: int, before: dict[str, int]) -> dict[str, Any]:
         """Wait until the receiver got one webhook per outcome of this gateway; how long, how many."""
         _, body = procs.http_get(svc.port, "/metrics")
@@ -1012,7 +1070,7 @@ class Bench:
         started = time.time()
         t0 = time.monotonic()
         load_at_start = os.getloadavg()
-        only_ab = set(opts.phases) <= {"profile-client-ab", "webhooks-ab", "reconnect-storm"}
+        only_ab = set(opts.phases) <= {"profile-client-ab", "webhooks-ab", "limits-ab", "reconnect-storm"}
         largest = max(opts.streams) if opts.streams and (not only_ab or "reconnect-storm" in opts.phases) else 0
         size = max(2, math.ceil(largest / opts.max_per_process))
         log(opts, f"starting the fake profile host and {size} load-generator processes")
@@ -1038,6 +1096,8 @@ class Bench:
             results["profile_client_ab"] = self.profile_client_ab_phase()
         if "webhooks-ab" in opts.phases:
             results["webhooks_ab"] = self.webhooks_ab_phase()
+        if "limits-ab" in opts.phases:
+            results["limits_ab"] = self.limits_ab_phase()
         if "reconnect-storm" in opts.phases:
             results["reconnect_storm"] = self.reconnect_storm_phase()
         if not only_ab:

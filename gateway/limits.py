@@ -22,6 +22,7 @@ from gateway.clientip import IPNetwork, parse_networks
 from gateway.config import LimitsConfig
 
 Clock = Callable[[], float]
+KEY_CACHE = 4096  # addresses whose limiter key is remembered
 
 
 def retry_after(seconds: float) -> int:
@@ -128,6 +129,9 @@ def ip_key(ip: str | None, exempt: tuple[IPNetwork, ...] = ()) -> str | None:
         address = ipaddress.ip_address(ip)
     except ValueError:
         return ip
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # a dual-stack socket's view of an IPv4 client
+        ip = str(address)
     if any(address.version == net.version and address in net for net in exempt):
         return None
     if address.version == 4:
@@ -170,7 +174,17 @@ class Limits:
         self.long_polls = Slots(cfg.long_polls_per_ip, cfg.long_polls_total)
         self.phone_key = PhoneHasher.fresh()
         self.exempt = parse_networks(cfg.exempt)
+        # Parsing an address costs microseconds on every stream open; the answers are cached,
+        # and the cache is emptied when full (bounded under invented addresses).
+        self._keys: dict[str | None, str | None] = {}
 
     def ip_key(self, ip: str | None) -> str | None:
         """The per-address key of a client (see `ip_key`); None when it is exempt."""
-        return ip_key(ip, self.exempt)
+        try:
+            return self._keys[ip]
+        except KeyError:
+            pass
+        if len(self._keys) >= KEY_CACHE:
+            self._keys.clear()
+        key = self._keys[ip] = ip_key(ip, self.exempt)
+        return key

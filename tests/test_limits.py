@@ -94,6 +94,10 @@ def test_ip_keys_group_ipv6_by_64_and_skip_exempt_addresses() -> None:
     assert limits.ip_key("127.0.0.1") is None and limits.ip_key("::1") is None
     assert limits.ip_key("203.0.113.7") == "203.0.113.7"
     assert ip_key(None) == "-"
+    assert ip_key("::ffff:203.0.113.7") == "203.0.113.7"
+    assert limits.ip_key("::ffff:127.0.0.1") is None
+    assert [limits.ip_key(f"198.51.100.{i % 250}") for i in range(10_000)][-1] == "198.51.100.249"
+    assert len(limits._keys) <= 4096  # the cache of parsed addresses stays bounded
 
 
 def test_phone_keys_are_keyed_hashes() -> None:

@@ -64,7 +64,12 @@ class EventStreamEndpoint:
         if slots is None:
             await serve(self.gateway, session_id, scope, receive, send, cors)
             return
-        key = self.limits.ip_key(scope_client_ip(scope, self.gateway.trusted_proxies))
+        trusted = self.gateway.trusted_proxies
+        if trusted:
+            key = self.limits.ip_key(scope_client_ip(scope, trusted))
+        else:  # the peer as uvicorn reports it: `ip_key` parses (and caches) it
+            client = scope.get("client")
+            key = self.limits.ip_key(client[0] if client else None)
         refused = slots.acquire(key)
         if refused is not None:
             # Before anything is read or subscribed: a refused stream costs one small answer.
