@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import pytest
 
 from gateway.cli import main
@@ -60,3 +63,29 @@ def test_a_worker_runs_the_same_command_on_the_parents_port() -> None:
     argv = ["serve", "--config", "c.toml", "--workers", "2", "--port=0", "--sandbox"]
     assert worker_argv(argv, 8123) == ["serve", "--config", "c.toml", "--sandbox", "--port", "8123", "--reuse-port"]
     assert worker_argv(["serve", "--workers=3", "--port", "80"], 80) == ["serve", "--port", "80", "--reuse-port"]
+
+
+async def test_migrate_stats_and_webhooks_commands_work_on_postgresql(
+    pg_cluster: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`gateway migrate` on an empty PostgreSQL database creates the schema (twice is harmless);
+    `gateway stats` and `gateway webhooks list` read it."""
+    dsn = await pg_cluster.create_database(template="template0")
+    try:
+        config = tmp_path / "config.toml"
+        config.write_text(f'[database]\nurl = "{dsn}"\n')
+        loop = asyncio.get_running_loop()
+        for _ in range(2):  # the CLI runs its own event loop: off this test's thread
+            assert await loop.run_in_executor(None, main, ["migrate", "--config", str(config)]) == 0
+        assert "migrations applied" in capsys.readouterr().out
+        conn = await asyncpg.connect(dsn)
+        try:
+            tables = {r[0] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+        finally:
+            await conn.close()
+        assert {"sessions", "session_events", "truecaller_callbacks", "webhook_outbox"} <= tables
+        assert await loop.run_in_executor(None, main, ["stats", "--config", str(config)]) == 0
+        assert await loop.run_in_executor(None, main, ["webhooks", "list", "--config", str(config)]) == 0
+        assert "provider\tstarted" in capsys.readouterr().out
+    finally:
+        await pg_cluster.drop_database(dsn)
