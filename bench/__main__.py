@@ -9,6 +9,7 @@ python -m bench --profile-client-ab --markdown   # only: lean profile client vs 
 python -m bench --webhooks-ab --markdown         # only: webhooks off vs on, a slow receiver (~2 min)
 python -m bench --limits-ab --markdown           # only: abuse limits off vs on, the honest path (~2 min)
 python -m bench --reconnect-storm --streams 10000 # only: reconnects per 100 ms after a restart
+python -m bench --scaleout --sample 400 --markdown  # only: SQLite vs PostgreSQL vs --workers 2 (~4 min)
 """
 
 from __future__ import annotations
@@ -28,7 +29,16 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-PHASES = ("streams", "throughput", "polling", "profile-client-ab", "webhooks-ab", "limits-ab", "reconnect-storm")
+PHASES = (
+    "streams",
+    "throughput",
+    "polling",
+    "profile-client-ab",
+    "webhooks-ab",
+    "limits-ab",
+    "reconnect-storm",
+    "scaleout",
+)
 
 
 def _phases(text: str) -> tuple[str, ...]:
@@ -104,6 +114,12 @@ def parser() -> argparse.ArgumentParser:
         help="run only the A/B of [limits] off vs on, the honest path (= --phases limits-ab)",
     )
     p.add_argument(
+        "--scaleout",
+        action="store_true",
+        help="run only the scale-out comparison: SQLite, PostgreSQL, serve --workers 2 on PostgreSQL;"
+        " delivery across two instances; memory per stream on both (= --phases scaleout)",
+    )
+    p.add_argument(
         "--ab-rounds",
         type=int,
         default=2,
@@ -150,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.limits_ab
             else ("reconnect-storm",)
             if args.reconnect_storm
+            else ("scaleout",)
+            if args.scaleout
             else _phases(args.phases),
             switch_interval=args.switch_interval,
             ab_rounds=max(1, args.ab_rounds),

@@ -236,9 +236,19 @@ class Worker:
         return {"rtt_ms": times}
 
     async def op_probe(
-        self, tag: str, endpoint: str, gap: float, concurrency: int, limit: int | None = None
+        self,
+        tag: str,
+        endpoint: str,
+        gap: float,
+        concurrency: int,
+        limit: int | None = None,
+        callback_port: int | None = None,
     ) -> dict[str, Any]:
-        """For each open stream with this tag: send the token callback, time the events on that stream."""
+        """For each open stream with this tag: send the token callback, time the events on that stream.
+
+        With `callback_port` the callbacks go to that gateway instead of the one holding the
+        streams (two instances on one database: the outcome crosses over to the stream's holder).
+        """
         targets = [
             s
             for s in self.sessions
@@ -250,16 +260,21 @@ class Worker:
         first_error: str | None = None
         todo = iter(targets)
 
+        async def callback_conn() -> Conn:
+            if callback_port is None:
+                return await self._conn()
+            return await connect(self.host, callback_port)
+
         async def lane() -> None:
             nonlocal errors, first_error
-            http = await self._conn()
+            http = await callback_conn()
             try:
                 for s in todo:
                     stream = s.stream
                     assert stream is not None
                     try:
                         if http.closed:
-                            http = await self._conn()
+                            http = await callback_conn()
                         t0 = time.monotonic()
                         await self._callback(http, s, endpoint)
                         answered = time.monotonic()

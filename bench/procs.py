@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -276,3 +277,57 @@ def fdatasync_ms(directory: Path, gap: float, count: int) -> list[float]:
     finally:
         os.close(fd)
         path.unlink(missing_ok=True)
+
+
+def tree(root: int) -> list[int]:
+    """`root` and every live descendant of it (from /proc/*/stat's parent pids)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        parents.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += parents.get(pid, [])
+    return found
+
+
+def cpu_by_pid(pids: list[int]) -> dict[int, float]:
+    """utime + stime of each of `pids` still alive, in seconds."""
+    out: dict[int, float] = {}
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            out[pid] = cpu_seconds(pid)
+    return out
+
+
+class GroupCpuMeter:
+    """CPU seconds used by groups of processes (re-listed at the end: a process started in the
+    window counts from its start; one that ended in it is lost) and by the whole machine."""
+
+    def __init__(self, groups: dict[str, Callable[[], list[int]]]) -> None:
+        self.groups = groups
+
+    def start(self) -> None:
+        self.t0 = time.monotonic()
+        self.m0 = machine_cpu()[0]
+        self.c0 = {name: cpu_by_pid(list_pids()) for name, list_pids in self.groups.items()}
+
+    def stop(self) -> dict[str, object]:
+        wall = time.monotonic() - self.t0
+        machine = machine_cpu()[0] - self.m0
+        used: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for name, list_pids in self.groups.items():
+            now = cpu_by_pid(list_pids())
+            before = self.c0[name]
+            used[name] = sum(v - before.get(pid, 0.0) for pid, v in now.items())
+            counts[name] = len(now)
+        return {"window_s": wall, "machine_busy_s": machine, "cpu_s": used, "processes": counts}

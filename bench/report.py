@@ -318,6 +318,11 @@ def rows(results: dict[str, Any]) -> list[Row]:
     lim = results.get("limits_ab")
     if lim:
         out += limits_rows(lim)
+    so = results.get("scaleout")
+    if so:
+        from bench.scaleout import rows as scaleout_rows
+
+        out += scaleout_rows(so)
     for run in (results.get("reconnect_storm") or {}).get("runs", []):
         p5, p95 = run["spread_p5_p95_s"] or (float("nan"), float("nan"))
         out.append(

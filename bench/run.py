@@ -510,11 +510,20 @@ class Bench:
         self.stop_gateway(svc, f"streams-{n}")
         return result
 
-    def delivery(self, svc: Service, n: int, sample: int, result: dict[str, Any], floor: bool = True) -> list[float]:
+    def delivery(
+        self,
+        svc: Service,
+        n: int,
+        sample: int,
+        result: dict[str, Any],
+        floor: bool = True,
+        callback_svc: Service | None = None,
+    ) -> list[float]:
         """Delivery latency on worker 0's open `sample` streams, into `result`; the paced e2e values (ms).
 
         Three quarters of the sample 10 ms apart (an idle machine between verifications), the
-        rest back to back; then (`floor`) the machine's own floor at the 10 ms pace.
+        rest back to back; then (`floor`) the machine's own floor at the 10 ms pace. With
+        `callback_svc` the callbacks go to that gateway, not to `svc` that holds the streams.
         """
         opts, pool = self.opts, self.pool
         assert pool is not None
@@ -523,9 +532,11 @@ class Bench:
         log(opts, f"N={n}: delivery latency on {sample} sampled streams ({paced} paced 10 ms apart)")
         for key, gap, limit in (("latency", 0.01, paced), ("latency_back_to_back", 0.0, None)):
             probe = {"op": "probe", "tag": "sample", "endpoint": self.endpoint, "gap": gap, "concurrency": 1}
-            before = self.gateway_timings(svc)
+            if callback_svc is not None:
+                probe["callback_port"] = callback_svc.port
+            before = self.gateway_timings(callback_svc or svc)
             r = pool.call({0: {**probe, "limit": limit}})[0]
-            after = self.gateway_timings(svc)
+            after = self.gateway_timings(callback_svc or svc)
             rows = r["rows"]
             if not rows:
                 continue
@@ -635,10 +646,13 @@ class Bench:
         self.yardstick(flow, procs_used, lanes)
         return flow, svc
 
-    def verifications(self, svc: Service, label: str = "throughput") -> dict[str, Any]:
+    def verifications(
+        self, svc: Service, label: str = "throughput", cpu_groups: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Complete verifications/s on `svc`: --concurrency workers in 2 processes over --duration s.
 
         With --profile, py-spy records the gateway meanwhile as `profile-<label>[-gil].txt`.
+        `cpu_groups` (name -> function listing pids) are metered over the same window, into `flow["cpu_groups"]`.
         """
         opts, pool = self.opts, self.pool
         assert pool is not None and self.fake is not None
@@ -662,7 +676,8 @@ class Bench:
             )
         profiler = self.profiler(svc, label)
         gil_profiler = self.profiler(svc, f"{label}-gil", gil=True)
-        cpu = self._cpu_during(pid, start_at + opts.warmup, opts.duration)
+        groups = procs.GroupCpuMeter(cpu_groups) if cpu_groups else None
+        cpu = self._cpu_during(pid, start_at + opts.warmup, opts.duration, also=groups)
         replies = {i: pool.recv(i) for i in range(procs_used)}
         self.finish_profile(profiler, label)
         self.finish_profile(gil_profiler, f"{label}-gil")
@@ -684,6 +699,8 @@ class Bench:
             "profiles_served_by_fake": served,
             "gateway_rss_kib_after": procs.rss_kib(pid),
         }
+        if "groups" in cpu:
+            flow["cpu_groups"] = cpu["groups"]
         return flow
 
     def yardstick(self, flow: dict[str, Any], procs_used: int, lanes: list[int]) -> None:
@@ -1004,12 +1021,19 @@ class Bench:
             pool.all("close")
         return {"n": n, "runs": runs}
 
-    def _cpu_during(self, pid: int, start: float, duration: float) -> dict[str, float]:
+    def _cpu_during(
+        self, pid: int, start: float, duration: float, also: procs.GroupCpuMeter | None = None
+    ) -> dict[str, Any]:
         time.sleep(max(0.0, start - time.monotonic()))
         meter = procs.CpuMeter(pid)
         meter.start()
+        if also is not None:
+            also.start()
         time.sleep(max(0.0, start + duration - time.monotonic()))
-        return meter.stop()
+        used: dict[str, Any] = dict(meter.stop())
+        if also is not None:
+            used["groups"] = also.stop()
+        return used
 
     def polling_phase(self, svc: Service) -> dict[str, Any]:
         opts, pool = self.opts, self.pool
@@ -1070,8 +1094,9 @@ class Bench:
         started = time.time()
         t0 = time.monotonic()
         load_at_start = os.getloadavg()
-        only_ab = set(opts.phases) <= {"profile-client-ab", "webhooks-ab", "limits-ab", "reconnect-storm"}
-        largest = max(opts.streams) if opts.streams and (not only_ab or "reconnect-storm" in opts.phases) else 0
+        only_ab = set(opts.phases) <= {"profile-client-ab", "webhooks-ab", "limits-ab", "reconnect-storm", "scaleout"}
+        with_streams = not only_ab or bool({"reconnect-storm", "scaleout"} & set(opts.phases))
+        largest = max(opts.streams) if opts.streams and with_streams else 0
         size = max(2, math.ceil(largest / opts.max_per_process))
         log(opts, f"starting the fake profile host and {size} load-generator processes")
         self.fake = self.start_fake()
@@ -1100,6 +1125,10 @@ class Bench:
             results["limits_ab"] = self.limits_ab_phase()
         if "reconnect-storm" in opts.phases:
             results["reconnect_storm"] = self.reconnect_storm_phase()
+        if "scaleout" in opts.phases:
+            from bench.scaleout import scaleout_phase
+
+            results["scaleout"] = scaleout_phase(self)
         if not only_ab:
             results["startup"] = {
                 "fresh_ready_s": self.startups,
