@@ -107,7 +107,9 @@ def tc_overrides(port: int, **extra: Any) -> dict[str, Any]:
                 "profile_hosts": [f"127.0.0.1:{port}"],
                 **extra,
             }
-        }
+        },
+        # One gateway serves every test of the module, all with the same phone number.
+        "limits": {"sessions_per_phone_burst": 10_000},
     }
 
 

@@ -79,7 +79,9 @@ async def environment(tmp_path: Path, overrides: dict[str, Any] | None = None) -
                     "success_url": OK,
                     "failure_url": FAIL,
                 }
-            }
+            },
+            # One gateway serves every test of the module, all with the same phone number.
+            "limits": {"sessions_per_phone_burst": 10_000},
         }
         db_path = tmp_path / "gateway.db"
         settings = make_settings(db_path, merge(config, overrides or {}))
