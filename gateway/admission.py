@@ -45,12 +45,17 @@ class Admission:
     def enabled(self) -> bool:
         return self.limits.enabled
 
-    async def admit_session(self, ip: str | None, phone: str | None) -> None:
-        """Raise unless a new session may start for this client and number (before the provider is called)."""
+    async def admit_session(self, ip: str | None, phone: str | None, *, per_address: bool = True) -> None:
+        """Raise unless a new session may start for this client and number (before the provider is called).
+
+        `per_address=False` for the site's own backend (it holds an API key): it starts the
+        sessions of all its users from one address, so only the per-number limit and the
+        pending cap apply to it.
+        """
         if not self.limits.enabled:
             return
         limits = self.limits
-        key = limits.ip_key(ip)
+        key = limits.ip_key(ip) if per_address else None
         wait = 0.0 if key is None else limits.sessions_per_ip.take(key)
         if wait:
             self.metrics.limited("sessions_per_ip")

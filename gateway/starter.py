@@ -102,7 +102,7 @@ class Starter:
         if provider is None:
             raise Conflict("provider_disabled", f"the {provider_name} provider is disabled in this gateway's config")
         if self.admission is not None:
-            await self.admission.admit_session(client.ip, checked_phone)
+            await self.admission.admit_session(client.ip, checked_phone, per_address=credential.kind != "key")
         session_id = new_session_id()
         # The provider is called before the insert, so a provider failure leaves nothing stored.
         prepared = await provider.prepare(

@@ -238,3 +238,20 @@ def test_the_readme_ticket_helpers_make_tickets_the_gateway_accepts(monkeypatch:
     script += "process.stdout.write(startTicket('user-42', process.argv[1]));"
     made = subprocess.run([node, "-e", script, PHONE], capture_output=True, text=True, timeout=30, check=True)
     auth.admit(made.stdout, user_ref="user-42", phone=PHONE, now=time.time())
+
+
+async def test_a_backend_with_an_api_key_is_not_held_to_the_per_address_limit(tmp_path: Path) -> None:
+    """The site's backend starts every user's session from one address: with a valid API key the
+    per-address bucket does not apply (the per-number limit still does); anonymous callers from
+    that address are still limited."""
+    db = tmp_path / "g.db"
+    limits = {"sessions_per_ip_burst": 3, "sessions_per_ip_rate": 1, "exempt": []}
+    async with auth_gateway(db, require=False, limits=limits) as gw, gw.client() as c:
+        keyed = [
+            await create(c, "Bearer " + KEYS[0], provider="truecaller", phone=f"+1555123{n:04d}") for n in range(10)
+        ]
+        assert {r.status_code for r in keyed} == {201}
+        anonymous = [await create(c, None, provider="truecaller") for _ in range(4)]
+        assert [r.status_code for r in anonymous] == [201, 201, 201, 429]
+        same_number = [await create(c, "Bearer " + KEYS[1], provider="truecaller", phone=PHONE) for _ in range(6)]
+        assert [r.status_code for r in same_number][-1] == 429  # sessions per phone number
