@@ -91,6 +91,7 @@ class Scaleout:
         svc.wait_ready(timeout=60)
         if workers > 1:
             self._wait_workers(svc, workers)
+        bench.gateway_loop = procs.event_loop_of(procs.tree(svc.pid)[-1])  # a worker's, under --workers
         return svc
 
     def _wait_workers(self, svc: Service, workers: int, timeout: float = 60.0) -> None:

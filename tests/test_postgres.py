@@ -70,9 +70,7 @@ async def test_of_many_finishes_from_three_processes_exactly_one_is_stored(pg_ds
             Outcome("rejected", "user_rejected"),
             Outcome("expired", "timeout"),
         ]
-        calls = [
-            opened[i % 3].finish("race", outcomes[i % 3], now=NOW + i, webhook=completed_event) for i in range(30)
-        ]
+        calls = [opened[i % 3].finish("race", outcomes[i % 3], now=NOW + i, webhook=completed_event) for i in range(30)]
         results = await asyncio.gather(*calls)
         won = [r for r in results if r is not None]
         assert len(won) == 1
@@ -298,3 +296,27 @@ async def test_json_is_stored_byte_for_byte_as_sqlite_stores_it(pg_dsn: str, tmp
             assert texts[0] == texts[1]
     finally:
         await lite.close()
+
+
+async def test_a_connection_goes_back_to_the_pool_clean_without_the_reset_query(pg_dsn: str) -> None:
+    """The pool skips asyncpg's reset query (one round trip per query saved); what it was for still holds.
+
+    A transaction that failed half-way is rolled back before the connection is reused, and the
+    next user of that one connection sees neither its writes nor an aborted transaction.
+    """
+    store = PgStore(pg_dsn, min_size=1, max_size=1)
+    await store.open()
+    try:
+        assert store.pool is not None and store.pool._reset is postgres._no_reset  # type: ignore[attr-defined]
+        await store.create(session("kept"))
+
+        async def half(conn: Any) -> None:
+            await conn.execute("UPDATE sessions SET status = 'verified' WHERE id = 'kept'")
+            await conn.execute("SELECT 1/0")
+
+        with pytest.raises(StorageError):
+            await store._write(half)
+        stored = await store.get("kept")  # on that one connection: no "current transaction is aborted"
+        assert stored is not None and stored.status == "pending"
+    finally:
+        await store.close()
