@@ -12,7 +12,6 @@ import hashlib
 import logging
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -27,9 +26,6 @@ from gateway.storage.base import Finished, Progressed, Store
 log = logging.getLogger("gateway.sessions")
 
 PROVIDERS = ("truecaller", "veriphone")
-# How many of its own recent event ids a process remembers, to skip their echo from a shared
-# store's feed (it published them itself right after the commit).
-_OWN_EVENTS = 4096
 
 
 def new_session_id() -> str:
@@ -69,23 +65,17 @@ class Sessions:
         # Told the provider when a session's first progress event is stored: its user reached it.
         self.on_reached: Callable[[str], None] | None = None
         self.on_webhook: Callable[[], None] | None = None
-        self._own: OrderedDict[int, None] = OrderedDict()  # recent ids this process published
         self._reading: set[asyncio.Task[None]] = set()
         store.watch(self._on_feed, self._on_feed_reset)
 
     # -- a shared store's feed: events other processes committed -----------------------------
     def _publish(self, session_id: str, event: Event) -> None:
-        """Publish an event this process committed (and remember it, when others share the store)."""
+        """Publish an event this process committed (a shared store's feed leaves these out)."""
         self.broker.publish(session_id, event)
-        if self.store.shared:
-            own = self._own
-            own[event.id] = None
-            if len(own) > _OWN_EVENTS:
-                own.popitem(last=False)
 
     def _on_feed(self, session_id: str, event_id: int) -> None:
-        """Another process (or this one) committed an event: read it if a stream here waits for it."""
-        if event_id in self._own or not self.broker.has(session_id):
+        """Another process committed an event: read it if a stream here waits for it."""
+        if not self.broker.has(session_id):
             return
         task = asyncio.get_running_loop().create_task(self._read_feed(session_id, event_id))
         self._reading.add(task)
@@ -177,6 +167,7 @@ class Sessions:
         *,
         claim: TokenClaim | None = None,
         expires_at: float | None = None,
+        durable: bool = True,
     ) -> Progressed:
         """Record and publish a progress stage; nothing is written once the session is terminal.
 
@@ -185,13 +176,15 @@ class Sessions:
         `expires_at` moves the deadline with it. Runs to completion even if the caller is
         cancelled.
         """
-        return await asyncio.shield(self._progress(session_id, stage, claim, expires_at))
+        return await asyncio.shield(self._progress(session_id, stage, claim, expires_at, durable))
 
     async def _progress(
-        self, session_id: str, stage: str, claim: TokenClaim | None, expires_at: float | None
+        self, session_id: str, stage: str, claim: TokenClaim | None, expires_at: float | None, durable: bool
     ) -> Progressed:
         data = {"stage": stage}
-        done = await self.store.progress(session_id, data, now=self.clock(), expires_at=expires_at, claim=claim)
+        done = await self.store.progress(
+            session_id, data, now=self.clock(), expires_at=expires_at, claim=claim, durable=durable
+        )
         if done.event_id is not None:
             self._publish(session_id, _event(done.event_id, "progress", data))
             self._reached(done)

@@ -61,9 +61,10 @@ class Store(Protocol):
     def watch(self, on_event: Callable[[str, int], None], on_reset: Callable[[], None]) -> None:
         """Before `open`: be told (session id, event id) of every event any process commits.
 
-        A shared store calls `on_event` for events of every process, this one's included, and
-        `on_reset` after it lost and regained its feed (events may have been missed: streams
-        should reconnect and catch up from the database). A store only one process uses
+        A shared store calls `on_event` for the events other processes commit (this process
+        publishes its own right after each commit), and `on_reset` after it lost and regained
+        its feed (events may have been missed: streams should reconnect and catch up from the
+        database). A store only one process uses
         never calls either.
         """
 
@@ -131,12 +132,18 @@ class Store(Protocol):
         now: float,
         expires_at: float | None = None,
         claim: TokenClaim | None = None,
+        durable: bool = True,
     ) -> Progressed:
         """Append a progress event to a pending session (and move its deadline).
 
         With a `claim`, the claim is stored first in the same transaction, and the event is
-        written only if the claim was "stored".
+        written only if the claim was "stored". `durable=False`: the commit may return before
+        the write is on disk (visible to every process at once, atomic all the same); the next
+        durable write, or `flush`, makes it durable too.
         """
+
+    async def flush(self) -> None:
+        """Make every write committed so far durable (after `progress(durable=False)`)."""
 
     async def finish(
         self,

@@ -6,7 +6,8 @@ only), so racing outcomes settle on one and a session's events get increasing id
 order. Work several processes poll for (stored tokens to fetch, webhooks to send, rows to
 purge) is taken with `FOR UPDATE SKIP LOCKED` and, where it outlives the transaction, leased.
 Every transaction that inserts an event also sends `pg_notify('gateway_events', '<session
-id>:<event id>')`, delivered on commit, to every process's `watch` connection.
+id>:<event id>:<origin>')`, delivered on commit, to every process's `watch` connection; a
+process skips the notifications of its own origin (it published those events itself).
 
 Every error of the driver, of the server and of the network becomes `StorageError`. A write
 runs to its end even if its caller is cancelled (a client disconnect): a write is never cut
@@ -20,6 +21,7 @@ import contextlib
 import json
 import logging
 import re
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -75,20 +77,27 @@ _INSERT_SESSION = (
     " created_at, updated_at, expires_at) VALUES ($1, $2, 'pending', $3, $4, $5, $6, $7, $8, $9)"
 )
 _LOCK_PENDING = "SELECT provider, user_ref FROM sessions WHERE id = $1 AND status = 'pending' FOR UPDATE"
+# The same, for a write that need not wait for the disk (`progress(durable=False)`): its commit
+# returns before the WAL is flushed; the next durable commit of any session flushes it too.
+_LOCK_PENDING_LAZY = (
+    "SELECT provider, user_ref, set_config('synchronous_commit', 'off', true) FROM sessions"
+    " WHERE id = $1 AND status = 'pending' FOR UPDATE"
+)
 # After the lock: every earlier event of the session is committed and seen by this statement.
 _INSERT_PROGRESS = (
     "WITH seen AS (SELECT EXISTS (SELECT 1 FROM session_events WHERE session_id = $1) AS seen),"
     " ev AS (INSERT INTO session_events (session_id, kind, data, created_at)"
     " VALUES ($1, 'progress', $2, $3) RETURNING id),"
     " up AS (UPDATE sessions SET updated_at = $3, expires_at = COALESCE($4, expires_at) WHERE id = $1)"
-    " SELECT ev.id, seen.seen, pg_notify('gateway_events', $1::text || ':' || ev.id) FROM ev, seen"
+    " SELECT ev.id, seen.seen, pg_notify('gateway_events', $1::text || ':' || ev.id || ':' || $5::text)"
+    " FROM ev, seen"
 )
 _FINISH = (
     "WITH up AS (UPDATE sessions SET status = $2, reason = $3, outcome = $4, completed_at = $5, updated_at = $5"
     " WHERE id = $1),"
     " ev AS (INSERT INTO session_events (session_id, kind, data, created_at)"
     " VALUES ($1, 'outcome', $4, $5) RETURNING id)"
-    " SELECT ev.id, pg_notify('gateway_events', $1::text || ':' || ev.id) FROM ev"
+    " SELECT ev.id, pg_notify('gateway_events', $1::text || ':' || ev.id || ':' || $6::text) FROM ev"
 )
 _FINISH_WITH_WEBHOOK = (
     "WITH up AS (UPDATE sessions SET status = $2, reason = $3, outcome = $4, completed_at = $5, updated_at = $5"
@@ -97,7 +106,7 @@ _FINISH_WITH_WEBHOOK = (
     " VALUES ($1, 'outcome', $4, $5) RETURNING id),"
     " wh AS (INSERT INTO webhook_outbox (id, session_id, type, payload, enqueued_at, next_attempt_at)"
     " VALUES ($6, $1, $7, $8, $5, $5))"
-    " SELECT ev.id, pg_notify('gateway_events', $1::text || ':' || ev.id) FROM ev"
+    " SELECT ev.id, pg_notify('gateway_events', $1::text || ':' || ev.id || ':' || $9::text) FROM ev"
 )
 _SELECT_SESSION = (
     "SELECT id, provider, status, reason, provider_ref, phone, user_ref, provider_data, outcome,"
@@ -224,6 +233,9 @@ class PgStore:
         self._listening = False
         self._watching: asyncio.Task[None] | None = None
         self._closing = False
+        # Tags this process's notifications: it publishes its own events itself, right after
+        # the commit, so its feed skips them (no read, no duplicate).
+        self._origin = secrets.token_hex(6)
 
     async def open(self) -> None:
         self._closing = False
@@ -293,7 +305,10 @@ class PgStore:
         return conn
 
     def _notified(self, conn: object, pid: int, channel: str, payload: object) -> None:
-        session_id, _, event_id = str(payload).rpartition(":")
+        session_id, _, rest = str(payload).partition(":")
+        event_id, _, origin = rest.partition(":")
+        if origin == self._origin:
+            return  # this process's own event: already published at its commit
         if not session_id or not event_id.isdigit() or self._on_event is None:
             log.warning("ignored a malformed %s notification", CHANNEL)
             return
@@ -567,13 +582,19 @@ class PgStore:
         now: float,
         expires_at: float | None = None,
         claim: TokenClaim | None = None,
+        durable: bool = True,
     ) -> Progressed:
         encoded = _dumps(data)
 
         async def insert(conn: Conn) -> Progressed:
-            return await self._progress(conn, session_id, encoded, now, expires_at, claim)
+            return await self._progress(conn, session_id, encoded, now, expires_at, claim, durable)
 
         return await self._write(insert)
+
+    async def flush(self) -> None:
+        # A transaction with an id commits a record, and a synchronous commit returns only once
+        # the WAL is on disk up to it: every earlier commit of this server included.
+        await self._fetchval("SELECT txid_current()")
 
     async def finish(
         self,
@@ -619,8 +640,9 @@ class PgStore:
         now: float,
         expires_at: float | None,
         claim: TokenClaim | None,
+        durable: bool = True,
     ) -> Progressed:
-        locked = await conn.fetchrow(_LOCK_PENDING, session_id)
+        locked = await conn.fetchrow(_LOCK_PENDING if durable else _LOCK_PENDING_LAZY, session_id)
         claimed: ClaimResult | None = None
         if claim is not None:
             claimed = await self._store_claim(conn, claim)
@@ -628,7 +650,7 @@ class PgStore:
                 return Progressed(None, claimed)
         if locked is None:
             return Progressed(None, claimed)
-        row = await conn.fetchrow(_INSERT_PROGRESS, session_id, encoded, now, expires_at)
+        row = await conn.fetchrow(_INSERT_PROGRESS, session_id, encoded, now, expires_at, self._origin)
         assert row is not None
         return Progressed(row["id"], claimed, first=not row["seen"], provider=locked["provider"])
 
@@ -655,10 +677,10 @@ class PgStore:
         encoded = _dumps(body)
         args: tuple[Any, ...] = (session_id, outcome.status, outcome.reason, encoded, now)
         if webhook is None:
-            event_id = await conn.fetchval(_FINISH, *args)
+            event_id = await conn.fetchval(_FINISH, *args, self._origin)
         else:
             msg_id, kind, payload = webhook(session_id, body, now)
-            event_id = await conn.fetchval(_FINISH_WITH_WEBHOOK, *args, msg_id, kind, payload)
+            event_id = await conn.fetchval(_FINISH_WITH_WEBHOOK, *args, msg_id, kind, payload, self._origin)
         return Finished(int(event_id), body)
 
     async def conversion(self, since: float) -> list[tuple[str, str, str | None, int, int]]:

@@ -618,8 +618,13 @@ class SqliteStore:
         now: float,
         expires_at: float | None = None,
         claim: TokenClaim | None = None,
+        durable: bool = True,
     ) -> Progressed:
+        # Always durable: no process but this one reads the file, so nothing gains by less.
         return await self.db.write(self._progress_write(session_id, data, now, expires_at, claim))
+
+    async def flush(self) -> None:
+        """Every write here is durable when it returns: nothing to flush."""
 
     async def finish(
         self,

@@ -249,11 +249,18 @@ class Truecaller:
                 )
                 decided.set_result(_claimed(done.claim))
                 return
-            # Store the token, outlive the fetch and announce it in one durable commit.
+            shared = self.store.shared
+            # Store the token, outlive the fetch and announce it in one commit: durable, except on
+            # a shared database, where the fetch may only start once this commit decided (see
+            # _fetch_after_claim).
             done = await self.sessions.progress(
-                sid, "profile_fetching", claim=claim, expires_at=token_expires_at + EXPIRY_GRACE
+                sid, "profile_fetching", claim=claim, expires_at=token_expires_at + EXPIRY_GRACE, durable=not shared
             )
             stored = _claimed(done.claim)
+            if shared and stored == "stored":
+                fetch = asyncio.ensure_future(self._outcome(sid, session.phone, endpoint, token, token_expires_at))
+                await self._fetch_after_claim(sid, fetch, decided)
+                return
             decided.set_result(stored)
             if fetch is None:
                 if stored == "stored":  # e.g. a fetch for a token that lost this race is still running
@@ -269,6 +276,28 @@ class Truecaller:
             if not decided.done() and not isinstance(exc, asyncio.CancelledError):
                 decided.set_exception(exc)
             raise
+
+    async def _fetch_after_claim(
+        self, sid: str, fetch: asyncio.Future[Outcome], decided: asyncio.Future[ClaimResult]
+    ) -> None:
+        """On a shared database: the token is ours (committed, not yet flushed), the fetch runs.
+
+        A profile within `ONE_COMMIT_WAIT` is answered after its outcome's durable commit,
+        which flushes the token's commit with it: one wait for the disk, as on SQLite's one
+        commit path. A slower one: the token is flushed, the callback answered, and the outcome
+        follows. Either way Truecaller hears "accepted" only once the token is durable.
+        """
+        self._fetching.add(sid)
+        try:
+            await asyncio.wait((fetch,), timeout=ONE_COMMIT_WAIT)
+            if not fetch.done():
+                await self.store.flush()
+                decided.set_result("stored")
+            await self.sessions.finish(sid, await fetch, release_claim=True)
+            if not decided.done():
+                decided.set_result("stored")
+        finally:
+            self._fetching.discard(sid)
 
     def _decision_over(self, session_id: str, decided: asyncio.Future[ClaimResult], speculative: bool) -> None:
         """When a token callback's task ends, however it ends (also cancelled before it ran)."""
