@@ -50,7 +50,8 @@ def pyz(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def test_artifact_holds_the_package_data_and_runs_as_a_program(pyz: Path) -> None:
+def check_contents(pyz: Path) -> None:
+    """The package data is inside and the file runs as a program."""
     with zipfile.ZipFile(pyz) as archive:
         names = set(archive.namelist())
     prefix = "site-packages/gateway/migrations/"
@@ -64,7 +65,11 @@ def test_artifact_holds_the_package_data_and_runs_as_a_program(pyz: Path) -> Non
     assert os.access(pyz, os.X_OK)
 
 
-async def test_copied_artifact_serves_creates_a_session_and_exits_zero_on_sigterm(pyz: Path, tmp_path: Path) -> None:
+async def test_artifact_holds_its_data_serves_creates_a_session_and_exits_zero_on_sigterm(
+    pyz: Path, tmp_path: Path
+) -> None:
+    # One test, not two: two tests could land on two xdist workers and build the artifact twice.
+    check_contents(pyz)
     # A fresh "machine": the file, a config, an empty directory; python3 on PATH is the base interpreter.
     shutil.copy2(pyz, tmp_path / "gateway.pyz")
     port = free_port()
