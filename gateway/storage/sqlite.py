@@ -150,6 +150,9 @@ class _Writer:
     def __init__(self, path: str, busy_timeout_ms: int, on_write_seconds: Callable[[float], None] | None) -> None:
         self._conn = _connect(path, busy_timeout_ms)
         self._conn.execute("PRAGMA wal_autocheckpoint = 0")  # see _Checkpointer
+        # When a checkpoint lets the WAL start over, cut the file back to this size: after a
+        # burst of writes it would otherwise keep its peak size (and count against max_size_mb).
+        self._conn.execute("PRAGMA journal_size_limit = 16777216")
         # Taking the write lock on the loop never waits: if another process holds it, the
         # wait (up to busy_timeout) happens on the commit thread instead.
         self._busy_ms = int(busy_timeout_ms)
