@@ -23,6 +23,7 @@ import logging
 import re
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any, TypeAlias, TypeVar
@@ -108,6 +109,25 @@ _FINISH_WITH_WEBHOOK = (
     " VALUES ($6, $1, $7, $8, $5, $5))"
     " SELECT ev.id, pg_notify('gateway_events', $1::text || ':' || ev.id || ':' || $9::text) FROM ev"
 )
+# The outcome in one statement (one round trip, no BEGIN/COMMIT), for a session whose provider
+# and user_ref this process has read (they never change while it is pending). `lk` takes the
+# row lock first, as every other write does, so the token release cannot lock in the other
+# order; the UPDATE re-checks `pending` on the row as committed by whoever held the lock.
+_FINISH_ONE = (
+    "WITH lk AS (SELECT id FROM sessions WHERE id = $1 FOR UPDATE),"
+    " rel AS (DELETE FROM truecaller_callbacks WHERE $7::boolean AND session_id = (SELECT id FROM lk)),"
+    " up AS (UPDATE sessions SET status = $2, reason = $3, outcome = $4, completed_at = $5, updated_at = $5"
+    " WHERE id = (SELECT id FROM lk) AND status = 'pending' RETURNING id),"
+    " ev AS (INSERT INTO session_events (session_id, kind, data, created_at)"
+    " SELECT $1, 'outcome', $4, $5 FROM up RETURNING id)"
+    " SELECT ev.id, pg_notify('gateway_events', $1::text || ':' || ev.id || ':' || $6::text) FROM ev"
+)
+_FINISH_ONE_WITH_WEBHOOK = _FINISH_ONE.replace(
+    " SELECT ev.id,",
+    ", wh AS (INSERT INTO webhook_outbox (id, session_id, type, payload, enqueued_at, next_attempt_at)"
+    " SELECT $8, $1, $9, $10, $5, $5 FROM up) SELECT ev.id,",
+)
+_KNOWN = 4096  # sessions whose provider and user_ref this process remembers
 _SELECT_SESSION = (
     "SELECT id, provider, status, reason, provider_ref, phone, user_ref, provider_data, outcome,"
     " created_at, updated_at, expires_at, completed_at FROM sessions"
@@ -236,6 +256,8 @@ class PgStore:
         # Tags this process's notifications: it publishes its own events itself, right after
         # the commit, so its feed skips them (no read, no duplicate).
         self._origin = secrets.token_hex(6)
+        # provider and user_ref of sessions read lately: what an outcome's body needs
+        self._known: OrderedDict[str, tuple[str, str | None]] = OrderedDict()
 
     async def open(self) -> None:
         self._closing = False
@@ -469,7 +491,10 @@ class PgStore:
                     raise IdempotencyKeyTaken  # rolls the transaction back: the session too
             return True
 
-        return await self._write(insert, transaction=idempotency is not None or ticket is not None)
+        created = await self._write(insert, transaction=idempotency is not None or ticket is not None)
+        if created:
+            self._remember(session)
+        return created
 
     async def ticket_used(self, ticket_hash: str) -> bool:
         return await self._fetchrow("SELECT 1 FROM start_tickets_used WHERE ticket_hash = $1", ticket_hash) is not None
@@ -512,9 +537,18 @@ class PgStore:
             if done < BATCH:
                 return total
 
+    def _remember(self, session: Session) -> Session:
+        if session.status == "pending":
+            known = self._known
+            known[session.id] = (session.provider, session.user_ref)
+            known.move_to_end(session.id)
+            if len(known) > _KNOWN:
+                known.popitem(last=False)
+        return session
+
     async def get(self, session_id: str) -> Session | None:
         row = await self._fetchrow(_SELECT_SESSION + " WHERE id = $1", session_id)
-        return _session(row) if row else None
+        return self._remember(_session(row)) if row else None
 
     async def get_by_ref(self, provider: str, provider_ref: str) -> Session | None:
         row = await self._fetchrow(
@@ -522,7 +556,7 @@ class PgStore:
             provider_ref,
             provider,
         )
-        return _session(row) if row else None
+        return self._remember(_session(row)) if row else None
 
     async def get_with_events(self, session_id: str, after_id: int) -> tuple[Session | None, list[StoredEvent]]:
         rows = await self._fetch(
@@ -538,7 +572,7 @@ class PgStore:
         events = [
             StoredEvent(r["ev_id"], r["ev_kind"], json.loads(r["ev_data"])) for r in rows if r["ev_id"] is not None
         ]
-        return _session(rows[0]), events
+        return self._remember(_session(rows[0])), events
 
     async def outcome_event(self, session_id: str) -> StoredEvent | None:
         row = await self._fetchrow(
@@ -606,10 +640,40 @@ class PgStore:
         webhook: WebhookEvent | None = None,
         unless_claimed: bool = False,
     ) -> Finished | None:
+        known = self._known.pop(session_id, None)
+        if known is not None and not unless_claimed:
+            # (unless_claimed needs its own statement after the lock: a subquery of this one
+            # would not see a token committed while it waited for the row.)
+            return await self._finish_one(session_id, outcome, now, release_claim, webhook, known)
+
         async def update(conn: Conn) -> Finished | None:
             return await self._finish(conn, session_id, outcome, now, release_claim, webhook, unless_claimed)
 
         return await self._write(update)
+
+    async def _finish_one(
+        self,
+        session_id: str,
+        outcome: Outcome,
+        now: float,
+        release_claim: bool,
+        webhook: WebhookEvent | None,
+        known: tuple[str, str | None],
+    ) -> Finished | None:
+        body = outcome.to_json(provider=known[0], user_ref=known[1], completed_at=now)
+        args: tuple[Any, ...] = (
+            session_id, outcome.status, outcome.reason, _dumps(body), now, self._origin, release_claim
+        )  # fmt: skip
+        if webhook is None:
+            sql = _FINISH_ONE
+        else:
+            sql, args = _FINISH_ONE_WITH_WEBHOOK, (*args, *webhook(session_id, body, now))
+
+        async def update(conn: Conn) -> Finished | None:
+            event_id = await conn.fetchval(sql, *args)
+            return None if event_id is None else Finished(int(event_id), body)
+
+        return await self._write(update, transaction=False)
 
     async def progress_and_finish(
         self,
