@@ -16,7 +16,8 @@ from gateway.errors import StorageError
 from gateway.outcome import Outcome
 from gateway.records import CLAIM_LEASE, OUTBOX_LEASE, Session, TokenClaim
 from gateway.storage import postgres
-from gateway.storage.postgres import PgStore, apply_migrations, migration_files
+from gateway.storage.postgres import PgStore, apply_migrations
+from gateway.storage.rows import migration_files
 from gateway.storage.sqlite import SqliteStore
 from gateway.webhooks.signing import completed_event
 from tests.pg import Cluster, sql_rows
@@ -56,7 +57,7 @@ async def test_migrations_run_by_three_processes_at_once_are_applied_once(pg_clu
     try:
         async with stores(dsn, 3) as opened:
             rows = await sql_rows(opened[0], "SELECT version, name FROM schema_migrations ORDER BY version")
-            assert [(r["version"], r["name"]) for r in rows] == [(v, n) for v, n, _ in migration_files()]
+            assert [(r["version"], r["name"]) for r in rows] == [(v, n) for v, n, _ in migration_files("postgresql")]
             assert await apply_migrations(dsn) == []  # `gateway migrate` on a current database
     finally:
         await pg_cluster.drop_database(dsn)

@@ -19,7 +19,8 @@ from gateway.outcome import Outcome
 from gateway.records import CLAIM_LEASE, Session, TokenClaim
 from gateway.sessions import Sessions, new_session_id, public_ref
 from gateway.storage.base import Store
-from gateway.storage.sqlite import SqliteStore, apply_migrations, migration_files
+from gateway.storage.rows import migration_files
+from gateway.storage.sqlite import SqliteStore, apply_migrations
 from tests.pg import sql_rows
 
 

@@ -20,12 +20,10 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from importlib import resources
 from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
@@ -51,6 +49,7 @@ from gateway.records import (
     WebhookEvent,
 )
 from gateway.storage.base import Finished, Progressed
+from gateway.storage.rows import dumps, migration_files, session_from_row
 
 log = logging.getLogger("gateway.storage")
 
@@ -69,7 +68,6 @@ RECONNECT_FIRST, RECONNECT_MAX = 0.1, 2.0
 PROBE_INTERVAL, PROBE_TIMEOUT = 5.0, 2.0
 BATCH = 1000  # rows per transaction when pruning expired keys
 _RETRIES = 3  # a deadlock victim's transaction is run again this many times in all
-_MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 # What the driver, the server and the network raise: all of it is StorageError to the caller.
 _ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, TimeoutError)
 
@@ -134,21 +132,6 @@ _SELECT_SESSION = (
 )
 
 
-def migration_files() -> list[tuple[int, str, str]]:
-    """(version, name, sql) for every PostgreSQL migration shipped with the package, in order."""
-    found: list[tuple[int, str, str]] = []
-    root = resources.files("gateway") / "migrations" / "postgresql"
-    for entry in root.iterdir():
-        match = _MIGRATION_NAME.match(entry.name)
-        if match:
-            found.append((int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
-    found.sort()
-    versions = [v for v, _, _ in found]
-    if len(set(versions)) != len(versions):
-        raise StorageError("two migrations share a version number")
-    return found
-
-
 async def _migrate(conn: Conn) -> list[str]:
     # A session lock, held across the per-migration transactions: processes starting together
     # wait here, and the later ones find everything applied.
@@ -160,7 +143,7 @@ async def _migrate(conn: Conn) -> list[str]:
         )
         done = {row[0] for row in await conn.fetch("SELECT version FROM schema_migrations")}
         applied: list[str] = []
-        for version, name, sql in migration_files():
+        for version, name, sql in migration_files("postgresql"):
             if version in done:
                 continue
             async with conn.transaction():
@@ -199,31 +182,9 @@ async def _no_reset(conn: asyncpg.Connection[asyncpg.Record]) -> None:
     """
 
 
-def _dumps(data: object) -> str:
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
-
-
 def _count(status: str) -> int:
     """Rows touched, from a command tag such as "UPDATE 3" or "INSERT 0 1"."""
     return int(status.rsplit(" ", 1)[-1])
-
-
-def _session(row: asyncpg.Record) -> Session:
-    return Session(
-        id=row["id"],
-        provider=row["provider"],
-        status=row["status"],
-        reason=row["reason"],
-        provider_ref=row["provider_ref"],
-        phone=row["phone"],
-        user_ref=row["user_ref"],
-        provider_data=json.loads(row["provider_data"]) if row["provider_data"] else {},
-        outcome=json.loads(row["outcome"]) if row["outcome"] else None,
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        expires_at=row["expires_at"],
-        completed_at=row["completed_at"],
-    )
 
 
 class PgStore:
@@ -484,7 +445,7 @@ class PgStore:
                     idempotency.key_hash,
                     idempotency.body_hash,
                     session.id,
-                    _dumps(idempotency.answer),
+                    dumps(idempotency.answer),
                     idempotency.expires_at,
                 )
                 if _count(taken) != 1:
@@ -548,7 +509,7 @@ class PgStore:
 
     async def get(self, session_id: str) -> Session | None:
         row = await self._fetchrow(_SELECT_SESSION + " WHERE id = $1", session_id)
-        return self._remember(_session(row)) if row else None
+        return self._remember(session_from_row(row)) if row else None
 
     async def get_by_ref(self, provider: str, provider_ref: str) -> Session | None:
         row = await self._fetchrow(
@@ -556,7 +517,7 @@ class PgStore:
             provider_ref,
             provider,
         )
-        return self._remember(_session(row)) if row else None
+        return self._remember(session_from_row(row)) if row else None
 
     async def get_with_events(self, session_id: str, after_id: int) -> tuple[Session | None, list[StoredEvent]]:
         rows = await self._fetch(
@@ -572,7 +533,7 @@ class PgStore:
         events = [
             StoredEvent(r["ev_id"], r["ev_kind"], json.loads(r["ev_data"])) for r in rows if r["ev_id"] is not None
         ]
-        return self._remember(_session(rows[0])), events
+        return self._remember(session_from_row(rows[0])), events
 
     async def outcome_event(self, session_id: str) -> StoredEvent | None:
         row = await self._fetchrow(
@@ -618,7 +579,7 @@ class PgStore:
         claim: TokenClaim | None = None,
         durable: bool = True,
     ) -> Progressed:
-        encoded = _dumps(data)
+        encoded = dumps(data)
 
         async def insert(conn: Conn) -> Progressed:
             return await self._progress(conn, session_id, encoded, now, expires_at, claim, durable)
@@ -662,7 +623,7 @@ class PgStore:
     ) -> Finished | None:
         body = outcome.to_json(provider=known[0], user_ref=known[1], completed_at=now)
         args: tuple[Any, ...] = (
-            session_id, outcome.status, outcome.reason, _dumps(body), now, self._origin, release_claim
+            session_id, outcome.status, outcome.reason, dumps(body), now, self._origin, release_claim
         )  # fmt: skip
         if webhook is None:
             sql = _FINISH_ONE
@@ -686,7 +647,7 @@ class PgStore:
         release_claim: bool = False,
         webhook: WebhookEvent | None = None,
     ) -> tuple[Progressed, Finished | None]:
-        encoded = _dumps(data)
+        encoded = dumps(data)
 
         async def both(conn: Conn) -> tuple[Progressed, Finished | None]:
             progressed = await self._progress(conn, session_id, encoded, now, None, claim)
@@ -738,7 +699,7 @@ class PgStore:
         ):
             return None  # a stored token's fetch decides this session
         body = outcome.to_json(provider=row["provider"], user_ref=row["user_ref"], completed_at=now)
-        encoded = _dumps(body)
+        encoded = dumps(body)
         args: tuple[Any, ...] = (session_id, outcome.status, outcome.reason, encoded, now)
         if webhook is None:
             event_id = await conn.fetchval(_FINISH, *args, self._origin)

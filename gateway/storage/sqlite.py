@@ -18,12 +18,10 @@ import json
 import logging
 import os
 import queue
-import re
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -48,31 +46,16 @@ from gateway.records import (
     WebhookEvent,
 )
 from gateway.storage.base import Finished, Progressed
+from gateway.storage.rows import dumps, migration_files, session_from_row
 
 log = logging.getLogger("gateway.storage")
 
 T = TypeVar("T")
 WriteFn = Callable[[sqlite3.Connection], T]
-_MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _STOP = object()
 _BEGIN = object()
 _MAX_BATCH = 512
 _LOOKUP_MMAP = 64 * 1024 * 1024
-
-
-def migration_files() -> list[tuple[int, str, str]]:
-    """(version, name, sql) for every migration shipped with the package, in order."""
-    found: list[tuple[int, str, str]] = []
-    root = resources.files("gateway") / "migrations"
-    for entry in root.iterdir():
-        match = _MIGRATION_NAME.match(entry.name)
-        if match:
-            found.append((int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
-    found.sort()
-    versions = [v for v, _, _ in found]
-    if len(set(versions)) != len(versions):
-        raise StorageError("two migrations share a version number")
-    return found
 
 
 def _connect(path: str, busy_timeout_ms: int) -> sqlite3.Connection:
@@ -416,28 +399,6 @@ class Database:
             raise StorageError(f"database read failed: {exc}") from exc
 
 
-def _session(row: sqlite3.Row) -> Session:
-    return Session(
-        id=row["id"],
-        provider=row["provider"],
-        status=row["status"],
-        reason=row["reason"],
-        provider_ref=row["provider_ref"],
-        phone=row["phone"],
-        user_ref=row["user_ref"],
-        provider_data=json.loads(row["provider_data"]) if row["provider_data"] else {},
-        outcome=json.loads(row["outcome"]) if row["outcome"] else None,
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        expires_at=row["expires_at"],
-        completed_at=row["completed_at"],
-    )
-
-
-def _dumps(data: object) -> str:
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
-
-
 class SqliteStore:
     """`Store` on one SQLite file: point reads on the loop, scans via aiosqlite, one group-commit writer."""
 
@@ -515,7 +476,7 @@ class SqliteStore:
                         idempotency.key_hash,
                         idempotency.body_hash,
                         session.id,
-                        _dumps(idempotency.answer),
+                        dumps(idempotency.answer),
                         idempotency.expires_at,
                     ),
                 )
@@ -560,13 +521,13 @@ class SqliteStore:
 
     async def get(self, session_id: str) -> Session | None:
         rows = self.db.lookup("SELECT * FROM sessions WHERE id = ?", (session_id,))
-        return _session(rows[0]) if rows else None
+        return session_from_row(rows[0]) if rows else None
 
     async def get_by_ref(self, provider: str, provider_ref: str) -> Session | None:
         rows = self.db.lookup(
             "SELECT * FROM sessions WHERE provider_ref = ? AND provider = ?", (provider_ref, provider)
         )
-        return _session(rows[0]) if rows else None
+        return session_from_row(rows[0]) if rows else None
 
     async def get_with_events(self, session_id: str, after_id: int) -> tuple[Session | None, list[StoredEvent]]:
         # A session has a handful of events at most: a bounded point read.
@@ -580,7 +541,7 @@ class SqliteStore:
         events = [
             StoredEvent(r["ev_id"], r["ev_kind"], json.loads(r["ev_data"])) for r in rows if r["ev_id"] is not None
         ]
-        return _session(rows[0]), events
+        return session_from_row(rows[0]), events
 
     async def outcome_event(self, session_id: str) -> StoredEvent | None:
         row = await self.db.fetchone(
@@ -664,7 +625,7 @@ class SqliteStore:
     def _progress_write(
         self, session_id: str, data: dict[str, Any], now: float, expires_at: float | None, claim: TokenClaim | None
     ) -> Callable[[sqlite3.Connection], Progressed]:
-        encoded = _dumps(data)
+        encoded = dumps(data)
 
         def insert(conn: sqlite3.Connection) -> Progressed:
             claimed: ClaimResult | None = None
@@ -711,7 +672,7 @@ class SqliteStore:
             if row is None:
                 return None
             body = outcome.to_json(provider=row["provider"], user_ref=row["user_ref"], completed_at=now)
-            encoded = _dumps(body)
+            encoded = dumps(body)
             cur = conn.execute(
                 "UPDATE sessions SET status = ?, reason = ?, outcome = ?, completed_at = ?, updated_at = ?"
                 " WHERE id = ? AND status = 'pending'",
