@@ -26,21 +26,10 @@ from typing import Any
 import asyncpg
 import pytest
 
+from bench.pgcluster import bin_dir  # one answer to "where is PostgreSQL" for the bench and the tests
 from tests.utils import free_port
 
 TEMPLATE = "gw_template"
-
-
-def bin_dir() -> Path | None:
-    """Where initdb and pg_ctl are: on PATH, else Debian's /usr/lib/postgresql/<newest>/bin."""
-    found = shutil.which("initdb")
-    if found:
-        return Path(found).parent
-    versions = sorted(
-        (p for p in Path("/usr/lib/postgresql").glob("*/bin") if (p / "initdb").exists()),
-        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
-    )
-    return versions[-1] if versions else None
 
 
 def require_bin_dir() -> Path:
