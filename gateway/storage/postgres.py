@@ -76,20 +76,11 @@ _INSERT_SESSION = (
     " created_at, updated_at, expires_at) VALUES ($1, $2, 'pending', $3, $4, $5, $6, $7, $8, $9)"
 )
 _LOCK_PENDING = "SELECT provider, user_ref FROM sessions WHERE id = $1 AND status = 'pending' FOR UPDATE"
-# The same, for a write that need not wait for the disk (`progress(durable=False)`): its commit
-# returns before the WAL is flushed; the next durable commit of any session flushes it too.
-_LOCK_PENDING_LAZY = (
-    "SELECT provider, user_ref, set_config('synchronous_commit', 'off', true) FROM sessions"
-    " WHERE id = $1 AND status = 'pending' FOR UPDATE"
-)
-# After the lock: every earlier event of the session is committed and seen by this statement.
-_INSERT_PROGRESS = (
-    "WITH seen AS (SELECT EXISTS (SELECT 1 FROM session_events WHERE session_id = $1) AS seen),"
-    " ev AS (INSERT INTO session_events (session_id, kind, data, created_at)"
-    " VALUES ($1, 'progress', $2, $3) RETURNING id),"
-    " up AS (UPDATE sessions SET updated_at = $3, expires_at = COALESCE($4, expires_at) WHERE id = $1)"
-    " SELECT ev.id, seen.seen, pg_notify('gateway_events', $1::text || ':' || ev.id || ':' || $5::text)"
-    " FROM ev, seen"
+# The lock, a token's claim, the progress event and its notification in one call (see
+# migrations/postgresql/0002_progress_function.sql); $6 true: commit without waiting for the disk.
+_PROGRESS = (
+    "SELECT o_event_id, o_seen, o_provider, o_claim"
+    " FROM gateway_progress($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
 )
 _FINISH = (
     "WITH up AS (UPDATE sessions SET status = $2, reason = $3, outcome = $4, completed_at = $5, updated_at = $5"
@@ -584,7 +575,7 @@ class PgStore:
         async def insert(conn: Conn) -> Progressed:
             return await self._progress(conn, session_id, encoded, now, expires_at, claim, durable)
 
-        return await self._write(insert)
+        return await self._write(insert, transaction=False)  # one statement: its own transaction
 
     async def flush(self) -> None:
         # A transaction with an id commits a record, and a synchronous commit returns only once
@@ -667,17 +658,25 @@ class PgStore:
         claim: TokenClaim | None,
         durable: bool = True,
     ) -> Progressed:
-        locked = await conn.fetchrow(_LOCK_PENDING if durable else _LOCK_PENDING_LAZY, session_id)
-        claimed: ClaimResult | None = None
-        if claim is not None:
-            claimed = await self._store_claim(conn, claim)
-            if claimed != "stored":
-                return Progressed(None, claimed)
-        if locked is None:
-            return Progressed(None, claimed)
-        row = await conn.fetchrow(_INSERT_PROGRESS, session_id, encoded, now, expires_at, self._origin)
+        """The lock, the claim (if any) and the event: one call of `gateway_progress` (migration 0002)."""
+        if claim is None:
+            token: tuple[Any, ...] = (None,) * 7
+        else:
+            token = (
+                claim.token_hash,
+                claim.endpoint,
+                claim.access_token,
+                claim.received_at,
+                claim.token_expires_at,
+                claim.lease,
+                self._forget_before(claim.received_at),
+            )
+        row = await conn.fetchrow(_PROGRESS, session_id, encoded, now, expires_at, self._origin, not durable, *token)
         assert row is not None
-        return Progressed(row["id"], claimed, first=not row["seen"], provider=locked["provider"])
+        claimed: ClaimResult | None = row["o_claim"]
+        if row["o_event_id"] is None:
+            return Progressed(None, claimed)
+        return Progressed(row["o_event_id"], claimed, first=not row["o_seen"], provider=row["o_provider"])
 
     async def _finish(
         self,
@@ -812,45 +811,12 @@ class PgStore:
             for r in rows
         ]
 
-    async def _store_claim(self, conn: Conn, claim: TokenClaim) -> ClaimResult:
-        """Store the first token callback of a still-pending session; bind the token to it."""
-        received = claim.received_at
-        if not self._token_sweep - 1.0 <= received < self._token_sweep:
-            self._token_sweep = received + 1.0  # forget old token hashes, at most once a second
-            # SKIP LOCKED: two processes sweeping at once never wait for (or deadlock on) each other.
-            await conn.execute(
-                "DELETE FROM truecaller_tokens_used WHERE token_hash IN (SELECT token_hash FROM"
-                " truecaller_tokens_used WHERE used_at < $1 FOR UPDATE SKIP LOCKED)",
-                received - TOKEN_MEMORY,
-            )
-        # Bind the token to this session unless it is bound already (by any process: a racing
-        # insert of the same hash waits for the first to commit); either way the row that
-        # holds it comes back. A token proves one consent, for one session.
-        bound = await conn.fetchval(
-            "INSERT INTO truecaller_tokens_used (token_hash, session_id, used_at) VALUES ($1, $2, $3)"
-            " ON CONFLICT (token_hash) DO UPDATE SET used_at = truecaller_tokens_used.used_at RETURNING session_id",
-            claim.token_hash,
-            claim.session_id,
-            received,
-        )
-        if bound != claim.session_id:
-            return "reused"
-        stored = await conn.execute(
-            "INSERT INTO truecaller_callbacks"
-            " (session_id, endpoint, access_token, received_at, token_expires_at, lease_until)"
-            " SELECT id, $1, $2, $3, $4, $5 FROM sessions WHERE id = $6 AND status = 'pending'"
-            " ON CONFLICT (session_id) DO NOTHING",
-            claim.endpoint,
-            claim.access_token,
-            received,
-            claim.token_expires_at,
-            claim.lease,
-            claim.session_id,
-        )
-        if _count(stored) == 1:
-            return "stored"
-        pending = await conn.fetchrow("SELECT 1 FROM sessions WHERE id = $1 AND status = 'pending'", claim.session_id)
-        return "repeat" if pending else "gone"
+    def _forget_before(self, received: float) -> float | None:
+        """Old token hashes are forgotten at most once a second: the cutoff when it is time, else None."""
+        if self._token_sweep - 1.0 <= received < self._token_sweep:
+            return None
+        self._token_sweep = received + 1.0
+        return received - TOKEN_MEMORY
 
     # -- the webhook outbox --------------------------------------------------------------
     async def outbox_due(self, now: float, limit: int) -> list[OutboxItem]:

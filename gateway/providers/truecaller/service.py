@@ -172,9 +172,11 @@ class Truecaller:
             raise
         sid = session.id
         token_hash = hashlib.sha256(callback.access_token.encode()).hexdigest()
+        shared = self.store.shared
         while True:
             await self._settled(sid)
-            owner = await self.store.token_owner(token_hash)
+            # Only a speculative fetch asks who owns the token; a shared database never speculates.
+            owner = None if shared else await self.store.token_owner(token_hash)
             deciding = self._deciding.get(sid)
             if deciding is None or deciding.done():  # no other callback of the session began deciding meanwhile
                 break
@@ -194,7 +196,7 @@ class Truecaller:
         # On a shared database another instance may hold a callback of the same session that
         # this process cannot wait for: there the token is stored first, and only the callback
         # whose claim is stored fetches (one fetch per token across instances).
-        speculative = not self.store.shared and sid not in self._fetching and owner in (None, sid)
+        speculative = not shared and sid not in self._fetching and owner in (None, sid)
         decided: asyncio.Future[ClaimResult] = asyncio.get_running_loop().create_future()
         if speculative:  # before anything else runs: a callback read in the same pass waits for this one
             self._fetching.add(sid)
