@@ -21,7 +21,7 @@ from gateway.broker import Broker, Event
 from gateway.errors import Unauthorized
 from gateway.outcome import EXPIRED, PENDING, Outcome
 from gateway.records import Idempotency, Session, StoredEvent, TokenClaim, WebhookEvent
-from gateway.storage.base import Finished, Progressed, Store
+from gateway.storage.base import Finished, Progressed, RefProgressed, Store
 
 log = logging.getLogger("gateway.sessions")
 
@@ -185,10 +185,45 @@ class Sessions:
         done = await self.store.progress(
             session_id, data, now=self.clock(), expires_at=expires_at, claim=claim, durable=durable
         )
+        self._progressed(session_id, data, done)
+        return done
+
+    async def progress_by_ref(
+        self,
+        provider: str,
+        provider_ref: str,
+        stage: str,
+        *,
+        claim: TokenClaim,
+        expires_at: float | None = None,
+        durable: bool = True,
+    ) -> RefProgressed:
+        """`progress` with a claim, on the pending session `provider_ref` names, found in the same
+        call (one round trip on a shared database). Runs to completion even if the caller is cancelled."""
+        return await asyncio.shield(self._progress_by_ref(provider, provider_ref, stage, claim, expires_at, durable))
+
+    async def _progress_by_ref(
+        self,
+        provider: str,
+        provider_ref: str,
+        stage: str,
+        claim: TokenClaim,
+        expires_at: float | None,
+        durable: bool,
+    ) -> RefProgressed:
+        data = {"stage": stage}
+        found = await self.store.progress_by_ref(
+            provider, provider_ref, data, now=self.clock(), claim=claim, expires_at=expires_at, durable=durable
+        )
+        if found.session_id is not None:
+            self._progressed(found.session_id, data, found.progressed)
+        return found
+
+    def _progressed(self, session_id: str, data: dict[str, Any], done: Progressed) -> None:
+        """After the commit: publish the progress event the write stored, if it stored one."""
         if done.event_id is not None:
             self._publish(session_id, _event(done.event_id, "progress", data))
             self._reached(done)
-        return done
 
     def _reached(self, done: Progressed) -> None:
         if done.first and done.provider is not None and self.on_reached is not None:
@@ -246,9 +281,8 @@ class Sessions:
             release_claim=release_claim,
             webhook=self.webhook_event,
         )
+        self._progressed(session_id, data, progressed)
         if progressed.event_id is not None:
-            self._publish(session_id, _event(progressed.event_id, "progress", data))
-            self._reached(progressed)
             self._finished(session_id, outcome, finished)
         return progressed
 

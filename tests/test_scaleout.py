@@ -271,6 +271,50 @@ async def test_rejection_racing_a_token_over_instances_gives_one_outcome(three: 
             assert replay[-1]["data"]["status"] == final["status"]
 
 
+async def test_refused_token_callbacks_on_a_shared_database_store_nothing(three: Cluster) -> None:
+    """On a shared database a token callback finds its session in the write that stores the
+    token; the refusals stay what they are on one process, and none of them stores anything."""
+    import asyncpg
+
+    c = three
+    a, b = c.instances[:2]
+    good = c.truecaller_url + PROFILE_PATH
+    async with a.client() as ca, b.client() as cb:
+        sid, nonce = await start_truecaller(ca)
+        other_sid, other_nonce = await start_truecaller(ca)
+        c.truecaller.requests.clear()
+        token = c.truecaller.issue_token(PHONE)
+        unknown = await post_callback(cb, CALLBACK_PATH, "no-such-nonce", "tok-unknown", good)
+        unknown_bad = await post_callback(cb, CALLBACK_PATH, "no-such-nonce", "tok-unknown", "https://evil.example/v1")
+        bad = await post_callback(cb, CALLBACK_PATH, nonce, token, "https://evil.example/v1")
+        assert (unknown.status_code, unknown.json()["error"]["code"]) == (404, "session_not_found")
+        assert (unknown_bad.status_code, unknown_bad.json()["error"]["code"]) == (404, "session_not_found")
+        assert (bad.status_code, bad.json()["error"]["code"]) == (400, "invalid_endpoint")
+        assert c.truecaller.requests == []
+        ok = await post_callback(cb, CALLBACK_PATH, nonce, token, good)
+        assert ok.status_code == 200, ok.text
+        # the same token for another session, through another instance: a login CSRF
+        reused = await post_callback(ca, CALLBACK_PATH, other_nonce, token, good)
+        assert (reused.status_code, reused.json()["error"]["code"]) == (400, "token_already_used")
+        done = (await ca.get(f"/v1/sessions/{sid}", params={"wait": 10})).json()
+        assert done["status"] == "verified"
+        late = await post_callback(ca, CALLBACK_PATH, nonce, c.truecaller.issue_token(PHONE), good)
+        assert (late.status_code, late.json()["error"]["code"]) == (404, "session_not_found")
+    assert len(c.truecaller.requests) == 1
+    conn = await asyncpg.connect(c.database_url)
+    try:
+        bound = await conn.fetch(
+            "SELECT u.session_id FROM truecaller_tokens_used u WHERE u.session_id = ANY($1::text[])", [sid, other_sid]
+        )
+        assert [r["session_id"] for r in bound] == [sid]  # only the accepted token is bound
+        assert await conn.fetchval("SELECT count(*) FROM truecaller_tokens_used WHERE session_id = ''") == 0
+        assert await conn.fetchval("SELECT count(*) FROM session_events WHERE session_id = $1", other_sid) == 0
+        assert await conn.fetchval("SELECT count(*) FROM truecaller_callbacks WHERE session_id = $1", other_sid) == 0
+        assert await conn.fetchval("SELECT status FROM sessions WHERE id = $1", other_sid) == "pending"
+    finally:
+        await conn.close()
+
+
 async def test_one_idempotency_key_sent_to_every_instance_at_once_starts_one_session(three: Cluster) -> None:
     clients = [i.client() for i in three.instances]
     try:

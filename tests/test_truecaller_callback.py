@@ -7,6 +7,7 @@ import hashlib
 import pytest
 
 from gateway.errors import BadRequest
+from gateway.outcome import Outcome
 from gateway.providers.truecaller.decode import (
     StatusCallback,
     TokenCallback,
@@ -104,3 +105,49 @@ async def test_a_token_binds_to_one_session_until_its_memory_runs_out(store: Sto
     assert await store_token("s-3", "tok-c", later) == "stored"
     rows = await sql_rows(store, "SELECT session_id FROM truecaller_tokens_used")
     assert [r["session_id"] for r in rows] == ["s-3"]
+
+
+def _claim(sid: str, token: str, at: float) -> TokenClaim:
+    return TokenClaim(sid, "https://p.example/v1", token, hashlib.sha256(token.encode()).hexdigest(), at, at + 600)
+
+
+async def test_a_claim_by_requestid_finds_the_pending_session_and_stores_once(store: Store) -> None:
+    """How a shared database takes a token callback: the session is found by reference in the write."""
+    await store.create(
+        Session("s-1", "truecaller", "pending", None, "nonce-1", "+919800000001", "u-1", {}, None, 0, 0, 9e9, None)
+    )
+    await store.create(Session("s-2", "truecaller", "pending", None, "nonce-2", None, None, {}, None, 0, 0, 9e9, None))
+    stage = {"stage": "profile_fetching"}
+
+    got = await store.progress_by_ref("truecaller", "nonce-1", stage, now=1000.0, claim=_claim("", "tok-a", 1000.0))
+    assert (got.session_id, got.phone, got.user_ref) == ("s-1", "+919800000001", "u-1")
+    assert got.progressed.claim == "stored" and got.progressed.event_id is not None and got.progressed.first
+    assert await store.has_claim("s-1")
+    _, events = await store.get_with_events("s-1", 0)
+    assert [(e.id, e.data) for e in events] == [(got.progressed.event_id, stage)]
+
+    again = await store.progress_by_ref("truecaller", "nonce-1", stage, now=1000.1, claim=_claim("", "tok-a", 1000.1))
+    assert (again.session_id, again.progressed.claim, again.progressed.event_id) == ("s-1", "repeat", None)
+    reused = await store.progress_by_ref("truecaller", "nonce-2", stage, now=1000.2, claim=_claim("", "tok-a", 1000.2))
+    assert (reused.session_id, reused.progressed.claim, reused.progressed.event_id) == ("s-2", "reused", None)
+    assert not await store.has_claim("s-2")
+    # another provider's reference, or none at all: no session, nothing stored
+    for provider, ref in (("veriphone", "nonce-2"), ("truecaller", "nonce-9")):
+        none = await store.progress_by_ref(provider, ref, stage, now=1000.3, claim=_claim("", "tok-z", 1000.3))
+        assert (none.session_id, none.progressed.claim, none.progressed.event_id) == (None, "gone", None)
+    assert await store.token_owner(hashlib.sha256(b"tok-z").hexdigest()) is None
+    _, events = await store.get_with_events("s-2", 0)
+    assert events == []
+
+
+async def test_a_claim_on_a_finished_session_is_gone_and_binds_nothing(store: Store) -> None:
+    """A refused callback changes no stored state: its token stays free, by id and by reference."""
+    await store.create(Session("s-1", "truecaller", "pending", None, "nonce-1", None, None, {}, None, 0, 0, 9e9, None))
+    assert await store.finish("s-1", Outcome("rejected", "user_rejected"), now=999.0) is not None
+    stage = {"stage": "profile_fetching"}
+    by_id = await store.progress("s-1", stage, now=1000.0, claim=_claim("s-1", "tok-a", 1000.0))
+    by_ref = await store.progress_by_ref("truecaller", "nonce-1", stage, now=1000.1, claim=_claim("", "tok-a", 1000.1))
+    assert (by_id.claim, by_id.event_id) == ("gone", None)
+    assert (by_ref.session_id, by_ref.progressed.claim) == (None, "gone")
+    assert await store.token_owner(hashlib.sha256(b"tok-a").hexdigest()) is None
+    assert not await store.has_claim("s-1")

@@ -43,6 +43,20 @@ class Progressed:
 
 
 @dataclass(frozen=True, slots=True)
+class RefProgressed:
+    """What `Store.progress_by_ref` found and wrote.
+
+    `session_id` is None when no pending session has the reference (the claim is then
+    "gone" and nothing is written); `phone` and `user_ref` are the pending session's.
+    """
+
+    session_id: str | None
+    phone: str | None
+    user_ref: str | None
+    progressed: Progressed
+
+
+@dataclass(frozen=True, slots=True)
 class Finished:
     """The outcome `Store.finish` stored: its event id and the outcome object as stored."""
 
@@ -140,6 +154,24 @@ class Store(Protocol):
         written only if the claim was "stored". `durable=False`: the commit may return before
         the write is on disk (visible to every process at once, atomic all the same); the next
         durable write, or `flush`, makes it durable too.
+        """
+
+    async def progress_by_ref(
+        self,
+        provider: str,
+        provider_ref: str,
+        data: dict[str, Any],
+        *,
+        now: float,
+        claim: TokenClaim,
+        expires_at: float | None = None,
+        durable: bool = True,
+    ) -> RefProgressed:
+        """`progress` with a claim on the pending session of `provider_ref`, found in the same call.
+
+        The claim's own `session_id` is not read: the session is the one the reference names.
+        A Truecaller token callback names its session by requestId; on a shared database this
+        saves the separate read.
         """
 
     async def flush(self) -> None:

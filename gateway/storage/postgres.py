@@ -48,7 +48,7 @@ from gateway.records import (
     TokenClaim,
     WebhookEvent,
 )
-from gateway.storage.base import Finished, Progressed
+from gateway.storage.base import Finished, Progressed, RefProgressed
 from gateway.storage.rows import dumps, migration_files, session_from_row
 
 log = logging.getLogger("gateway.storage")
@@ -79,8 +79,8 @@ _LOCK_PENDING = "SELECT provider, user_ref FROM sessions WHERE id = $1 AND statu
 # The lock, a token's claim, the progress event and its notification in one call (see
 # migrations/postgresql/0002_progress_function.sql); $6 true: commit without waiting for the disk.
 _PROGRESS = (
-    "SELECT o_event_id, o_seen, o_provider, o_claim"
-    " FROM gateway_progress($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+    "SELECT o_event_id, o_seen, o_session, o_provider, o_phone, o_user_ref, o_claim"
+    " FROM gateway_progress($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
 )
 _FINISH = (
     "WITH up AS (UPDATE sessions SET status = $2, reason = $3, outcome = $4, completed_at = $5, updated_at = $5"
@@ -121,6 +121,14 @@ _SELECT_SESSION = (
     "SELECT id, provider, status, reason, provider_ref, phone, user_ref, provider_data, outcome,"
     " created_at, updated_at, expires_at, completed_at FROM sessions"
 )
+
+
+def _progressed(row: asyncpg.Record) -> Progressed:
+    """A `gateway_progress` row as `Progressed`."""
+    claimed: ClaimResult | None = row["o_claim"]
+    if row["o_event_id"] is None:
+        return Progressed(None, claimed)
+    return Progressed(row["o_event_id"], claimed, first=not row["o_seen"], provider=row["o_provider"])
 
 
 async def _migrate(conn: Conn) -> list[str]:
@@ -491,12 +499,15 @@ class PgStore:
 
     def _remember(self, session: Session) -> Session:
         if session.status == "pending":
-            known = self._known
-            known[session.id] = (session.provider, session.user_ref)
-            known.move_to_end(session.id)
-            if len(known) > _KNOWN:
-                known.popitem(last=False)
+            self._remember_pending(session.id, session.provider, session.user_ref)
         return session
+
+    def _remember_pending(self, session_id: str, provider: str, user_ref: str | None) -> None:
+        known = self._known
+        known[session_id] = (provider, user_ref)
+        known.move_to_end(session_id)
+        if len(known) > _KNOWN:
+            known.popitem(last=False)
 
     async def get(self, session_id: str) -> Session | None:
         row = await self._fetchrow(_SELECT_SESSION + " WHERE id = $1", session_id)
@@ -659,6 +670,21 @@ class PgStore:
         durable: bool = True,
     ) -> Progressed:
         """The lock, the claim (if any) and the event: one call of `gateway_progress` (migration 0002)."""
+        row = await conn.fetchrow(_PROGRESS, *self._progress_args(session_id, encoded, now, expires_at, claim, durable))
+        assert row is not None
+        return _progressed(row)
+
+    def _progress_args(
+        self,
+        session_id: str | None,
+        encoded: str,
+        now: float,
+        expires_at: float | None,
+        claim: TokenClaim | None,
+        durable: bool,
+        ref: tuple[str, str] | None = None,
+    ) -> tuple[Any, ...]:
+        """`gateway_progress`'s arguments; the session by id, or (`session_id` None) by `ref`."""
         if claim is None:
             token: tuple[Any, ...] = (None,) * 7
         else:
@@ -671,12 +697,30 @@ class PgStore:
                 claim.lease,
                 self._forget_before(claim.received_at),
             )
-        row = await conn.fetchrow(_PROGRESS, session_id, encoded, now, expires_at, self._origin, not durable, *token)
+        return (session_id, encoded, now, expires_at, self._origin, not durable, *token, *(ref or (None, None)))
+
+    async def progress_by_ref(
+        self,
+        provider: str,
+        provider_ref: str,
+        data: dict[str, Any],
+        *,
+        now: float,
+        claim: TokenClaim,
+        expires_at: float | None = None,
+        durable: bool = True,
+    ) -> RefProgressed:
+        args = self._progress_args(None, dumps(data), now, expires_at, claim, durable, (provider, provider_ref))
+
+        async def call(conn: Conn) -> asyncpg.Record | None:
+            return await conn.fetchrow(_PROGRESS, *args)
+
+        row = await self._write(call, transaction=False)  # one statement: its own transaction
         assert row is not None
-        claimed: ClaimResult | None = row["o_claim"]
-        if row["o_event_id"] is None:
-            return Progressed(None, claimed)
-        return Progressed(row["o_event_id"], claimed, first=not row["o_seen"], provider=row["o_provider"])
+        sid = row["o_session"]
+        if sid is not None and row["o_provider"] is not None:
+            self._remember_pending(sid, row["o_provider"], row["o_user_ref"])
+        return RefProgressed(sid, row["o_phone"], row["o_user_ref"], _progressed(row))
 
     async def _finish(
         self,

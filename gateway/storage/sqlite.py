@@ -22,6 +22,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -45,7 +46,7 @@ from gateway.records import (
     TokenClaim,
     WebhookEvent,
 )
-from gateway.storage.base import Finished, Progressed
+from gateway.storage.base import Finished, Progressed, RefProgressed
 from gateway.storage.rows import dumps, migration_files, session_from_row
 
 log = logging.getLogger("gateway.storage")
@@ -587,6 +588,31 @@ class SqliteStore:
         # Always durable: no process but this one reads the file, so nothing gains by less.
         return await self.db.write(self._progress_write(session_id, data, now, expires_at, claim))
 
+    async def progress_by_ref(
+        self,
+        provider: str,
+        provider_ref: str,
+        data: dict[str, Any],
+        *,
+        now: float,
+        claim: TokenClaim,
+        expires_at: float | None = None,
+        durable: bool = True,
+    ) -> RefProgressed:
+        def write(conn: sqlite3.Connection) -> RefProgressed:
+            row = conn.execute(
+                "SELECT id, phone, user_ref FROM sessions"
+                " WHERE provider_ref = ? AND provider = ? AND status = 'pending'",
+                (provider_ref, provider),
+            ).fetchone()
+            if row is None:
+                return RefProgressed(None, None, None, Progressed(None, "gone"))
+            sid = row[0]
+            done = self._progress_write(sid, data, now, expires_at, replace(claim, session_id=sid))(conn)
+            return RefProgressed(sid, row[1], row[2], done)
+
+        return await self.db.write(write)
+
     async def flush(self) -> None:
         """Every write here is durable when it returns: nothing to flush."""
 
@@ -795,6 +821,11 @@ class SqliteStore:
 
     def _store_claim(self, conn: sqlite3.Connection, claim: TokenClaim) -> ClaimResult:
         """Store the first token callback of a still-pending session; bind the token to it."""
+        if (
+            conn.execute("SELECT 1 FROM sessions WHERE id = ? AND status = 'pending'", (claim.session_id,)).fetchone()
+            is None
+        ):
+            return "gone"  # refused: nothing of the token is stored
         received = claim.received_at
         if not self._token_sweep - 1.0 <= received < self._token_sweep:
             self._token_sweep = received + 1.0  # forget old token hashes, at most once a second

@@ -5,9 +5,13 @@
 -- READ COMMITTED), so what a statement sees after waiting for a lock is what the separate
 -- statements saw.
 --
+-- The session is named by its id, or (p_session NULL) by its provider's reference: a Truecaller
+-- token callback names its session by requestId, and finding it is then part of the same call.
+--
 -- Returns one row: the event's id (NULL when no event was written), whether the session had
--- events before, the session's provider (NULL unless it is pending), and the claim's result
--- ('stored', 'reused', 'repeat', 'gone'; NULL without a claim).
+-- events before, the pending session's id, provider, phone and user_ref (NULL unless it is
+-- pending), and the claim's result ('stored', 'reused', 'repeat', 'gone'; NULL without a
+-- claim). A claim on a session that is not pending is 'gone' and writes nothing.
 CREATE OR REPLACE FUNCTION gateway_progress(
     p_session        TEXT,
     p_data           TEXT,
@@ -22,9 +26,14 @@ CREATE OR REPLACE FUNCTION gateway_progress(
     p_token_expires  DOUBLE PRECISION,
     p_lease_until    DOUBLE PRECISION,
     p_forget_before  DOUBLE PRECISION,          -- not NULL: forget token hashes used before this
+    p_provider       TEXT,                      -- with p_session NULL: the session of this
+    p_provider_ref   TEXT,                      -- provider and reference
     OUT o_event_id   BIGINT,
     OUT o_seen       BOOLEAN,
+    OUT o_session    TEXT,
     OUT o_provider   TEXT,
+    OUT o_phone      TEXT,
+    OUT o_user_ref   TEXT,
     OUT o_claim      TEXT
 ) LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
@@ -35,9 +44,20 @@ BEGIN
         -- The next durable commit of any session flushes this one too.
         PERFORM set_config('synchronous_commit', 'off', true);
     END IF;
-    SELECT s.provider INTO o_provider FROM sessions s
-        WHERE s.id = p_session AND s.status = 'pending' FOR UPDATE;
+    IF p_session IS NULL THEN
+        SELECT s.id, s.provider, s.phone, s.user_ref INTO o_session, o_provider, o_phone, o_user_ref
+            FROM sessions s
+            WHERE s.provider_ref = p_provider_ref AND s.provider = p_provider AND s.status = 'pending'
+            FOR UPDATE;
+    ELSE
+        SELECT s.id, s.provider, s.phone, s.user_ref INTO o_session, o_provider, o_phone, o_user_ref
+            FROM sessions s WHERE s.id = p_session AND s.status = 'pending' FOR UPDATE;
+    END IF;
     IF p_token_hash IS NOT NULL THEN
+        IF o_session IS NULL THEN
+            o_claim := 'gone';  -- finished, or never was: nothing of the token is stored
+            RETURN;
+        END IF;
         IF p_forget_before IS NOT NULL THEN
             -- SKIP LOCKED: two processes sweeping at once never wait for each other.
             DELETE FROM truecaller_tokens_used WHERE token_hash IN (
@@ -47,37 +67,35 @@ BEGIN
         -- Bind the token to this session unless it is bound already (a racing insert of the
         -- same hash waits for the first to commit); either way the row that holds it comes back.
         INSERT INTO truecaller_tokens_used AS u (token_hash, session_id, used_at)
-            VALUES (p_token_hash, p_session, p_received_at)
+            VALUES (p_token_hash, o_session, p_received_at)
             ON CONFLICT (token_hash) DO UPDATE SET used_at = u.used_at
             RETURNING u.session_id INTO v_bound;
-        IF v_bound <> p_session THEN
+        IF v_bound <> o_session THEN
             o_claim := 'reused';
-            o_provider := NULL;
             RETURN;
         END IF;
         INSERT INTO truecaller_callbacks
             (session_id, endpoint, access_token, received_at, token_expires_at, lease_until)
             SELECT s.id, p_endpoint, p_access_token, p_received_at, p_token_expires, p_lease_until
-            FROM sessions s WHERE s.id = p_session AND s.status = 'pending'
+            FROM sessions s WHERE s.id = o_session AND s.status = 'pending'
             ON CONFLICT (session_id) DO NOTHING;
         GET DIAGNOSTICS v_stored = ROW_COUNT;
         IF v_stored <> 1 THEN
-            PERFORM 1 FROM sessions s WHERE s.id = p_session AND s.status = 'pending';
+            PERFORM 1 FROM sessions s WHERE s.id = o_session AND s.status = 'pending';
             o_claim := CASE WHEN FOUND THEN 'repeat' ELSE 'gone' END;
-            o_provider := NULL;
             RETURN;
         END IF;
         o_claim := 'stored';
     END IF;
-    IF o_provider IS NULL THEN
+    IF o_session IS NULL THEN
         RETURN;
     END IF;
     -- After the lock: every earlier event of the session is committed and seen here.
-    o_seen := EXISTS (SELECT 1 FROM session_events e WHERE e.session_id = p_session);
+    o_seen := EXISTS (SELECT 1 FROM session_events e WHERE e.session_id = o_session);
     INSERT INTO session_events (session_id, kind, data, created_at)
-        VALUES (p_session, 'progress', p_data, p_now) RETURNING id INTO o_event_id;
+        VALUES (o_session, 'progress', p_data, p_now) RETURNING id INTO o_event_id;
     UPDATE sessions SET updated_at = p_now, expires_at = COALESCE(p_expires_at, expires_at)
-        WHERE id = p_session;
-    PERFORM pg_notify('gateway_events', p_session || ':' || o_event_id || ':' || p_origin);
+        WHERE id = o_session;
+    PERFORM pg_notify('gateway_events', o_session || ':' || o_event_id || ':' || p_origin);
 END
 $$;

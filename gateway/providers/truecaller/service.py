@@ -136,9 +136,11 @@ class Truecaller:
 
     async def on_callback(self, parsed: StatusCallback | TokenCallback) -> str:
         """Truecaller's server reports a token or a status; "accepted" or "ignored", else an ApiError."""
+        if isinstance(parsed, TokenCallback) and self.store.shared:
+            return await self._on_shared_token(parsed)
         session = await self.sessions.get_by_ref(self.name, parsed.request_id)
         if session is None or session.terminal:
-            raise NotFound("session_not_found", "no pending Truecaller session has this requestId")
+            raise _no_session()
         if isinstance(parsed, StatusCallback):
             return await self._on_status(session, parsed.status)
         return await self._on_token(session, parsed)
@@ -167,36 +169,21 @@ class Truecaller:
         try:
             endpoint = await self._check(callback.endpoint)
         except BadRequest:
-            self.metrics.provider_errors.labels(self.name, "invalid_endpoint").inc()
-            log.warning("truecaller token callback refused: endpoint fails the host rules", extra={"session": ref})
+            self._endpoint_refused(ref)
             raise
         sid = session.id
-        token_hash = hashlib.sha256(callback.access_token.encode()).hexdigest()
-        shared = self.store.shared
+        token_hash = _token_hash(callback)
         while True:
             await self._settled(sid)
-            # Only a speculative fetch asks who owns the token; a shared database never speculates.
-            owner = None if shared else await self.store.token_owner(token_hash)
+            owner = await self.store.token_owner(token_hash)
             deciding = self._deciding.get(sid)
             if deciding is None or deciding.done():  # no other callback of the session began deciding meanwhile
                 break
-        received = self.sessions.clock()
-        claim = TokenClaim(
-            sid,
-            endpoint.url,
-            callback.access_token,
-            token_hash,
-            received,
-            received + TOKEN_LIFETIME,
-            lease_until=received + self.cfg.fetch_lease,
-        )
+        claim = self._claim(sid, endpoint, callback, token_hash)
         # The profile is fetched at once, before the token is durable (a delivery sooner by
         # the fetch's round trip), unless a fetch already runs for the session or the token
         # is known to belong to another one, so a replay causes no request.
-        # On a shared database another instance may hold a callback of the same session that
-        # this process cannot wait for: there the token is stored first, and only the callback
-        # whose claim is stored fetches (one fetch per token across instances).
-        speculative = not shared and sid not in self._fetching and owner in (None, sid)
+        speculative = sid not in self._fetching and owner in (None, sid)
         decided: asyncio.Future[ClaimResult] = asyncio.get_running_loop().create_future()
         if speculative:  # before anything else runs: a callback read in the same pass waits for this one
             self._fetching.add(sid)
@@ -206,7 +193,91 @@ class Truecaller:
             self._accept(session, endpoint, claim, speculative, decided), name=f"truecaller-token-{ref}"
         )
         task.add_done_callback(lambda _: self._decision_over(sid, decided, speculative))
+        return self._answer(await asyncio.shield(decided), ref)
+
+    async def _on_shared_token(self, callback: TokenCallback) -> str:
+        """A token callback on a shared database.
+
+        Another instance may hold a callback of the same session that this process cannot
+        wait for: the token is stored first, and only the callback whose claim is stored
+        fetches (one fetch per token across instances). The session is found by requestId in
+        the same call that stores the claim: one round trip to the database, not two.
+        """
+        try:
+            endpoint = await self._check(callback.endpoint)
+        except BadRequest:
+            # As everywhere: a callback for no pending session is a 404, whatever else is wrong with it.
+            session = await self.sessions.get_by_ref(self.name, callback.request_id)
+            if session is None or session.terminal:
+                raise _no_session() from None
+            self._endpoint_refused(public_ref(session.id))
+            raise
+        claim = self._claim("", endpoint, callback, _token_hash(callback))
+        decided: asyncio.Future[ClaimResult] = asyncio.get_running_loop().create_future()
+        found: list[str] = []  # the session's id, once the claim's call found it
+        # A task of its own: the commit finishes even if Truecaller hangs up on this request.
+        task = self.background.spawn(
+            self._accept_shared(callback.request_id, endpoint, claim, decided, found), name="truecaller-token"
+        )
+        task.add_done_callback(lambda _: self._decision_over("", decided, False))
         stored = await asyncio.shield(decided)
+        return self._answer(stored, public_ref(found[0]) if found else "-")
+
+    async def _accept_shared(
+        self,
+        request_id: str,
+        endpoint: CheckedEndpoint,
+        claim: TokenClaim,
+        decided: asyncio.Future[ClaimResult],
+        found: list[str],
+    ) -> None:
+        """Store the token (not yet durable), and if it was stored, fetch and write the outcome."""
+        fetch: asyncio.Future[Outcome] | None = None
+        try:
+            got = await self.sessions.progress_by_ref(
+                self.name,
+                request_id,
+                "profile_fetching",
+                claim=claim,
+                expires_at=claim.token_expires_at + EXPIRY_GRACE,
+                durable=False,
+            )
+            stored = _claimed(got.progressed.claim)
+            if got.session_id is None or stored != "stored":
+                if got.session_id is not None:
+                    found.append(got.session_id)
+                decided.set_result(stored)
+                return
+            sid = got.session_id
+            found.append(sid)
+            token = claim.access_token
+            fetch = asyncio.ensure_future(self._outcome(sid, got.phone, endpoint, token, claim.token_expires_at))
+            await self._fetch_after_claim(sid, fetch, decided)
+        except BaseException as exc:
+            if fetch is not None:
+                fetch.cancel()
+            if not decided.done() and not isinstance(exc, asyncio.CancelledError):
+                decided.set_exception(exc)
+            raise
+
+    def _claim(self, sid: str, endpoint: CheckedEndpoint, callback: TokenCallback, token_hash: str) -> TokenClaim:
+        received = self.sessions.clock()
+        return TokenClaim(
+            sid,
+            endpoint.url,
+            callback.access_token,
+            token_hash,
+            received,
+            received + TOKEN_LIFETIME,
+            lease_until=received + self.cfg.fetch_lease,
+        )
+
+    def _endpoint_refused(self, ref: str) -> None:
+        self.metrics.provider_errors.labels(self.name, "invalid_endpoint").inc()
+        log.warning("truecaller token callback refused: endpoint fails the host rules", extra={"session": ref})
+
+    def _answer(self, stored: ClaimResult, ref: str) -> str:
+        """Truecaller's answer to a token callback, once its claim is decided."""
         if stored == "reused":
             self.metrics.provider_errors.labels(self.name, "token_reused").inc()
             log.warning(
@@ -214,7 +285,7 @@ class Truecaller:
             )
             raise BadRequest("token_already_used", "this access token was already used to verify another session")
         if stored == "gone":
-            raise NotFound("session_not_found", "no pending Truecaller session has this requestId")
+            raise _no_session()
         if stored == "repeat":
             log.info("truecaller token callback repeated: ignored", extra={"session": ref})
             return "accepted"
@@ -251,18 +322,11 @@ class Truecaller:
                 )
                 decided.set_result(_claimed(done.claim))
                 return
-            shared = self.store.shared
-            # Store the token, outlive the fetch and announce it in one commit: durable, except on
-            # a shared database, where the fetch may only start once this commit decided (see
-            # _fetch_after_claim).
+            # Store the token, outlive the fetch and announce it in one durable commit.
             done = await self.sessions.progress(
-                sid, "profile_fetching", claim=claim, expires_at=token_expires_at + EXPIRY_GRACE, durable=not shared
+                sid, "profile_fetching", claim=claim, expires_at=token_expires_at + EXPIRY_GRACE
             )
             stored = _claimed(done.claim)
-            if shared and stored == "stored":
-                fetch = asyncio.ensure_future(self._outcome(sid, session.phone, endpoint, token, token_expires_at))
-                await self._fetch_after_claim(sid, fetch, decided)
-                return
             decided.set_result(stored)
             if fetch is None:
                 if stored == "stored":  # e.g. a fetch for a token that lost this race is still running
@@ -323,7 +387,7 @@ class Truecaller:
         await asyncio.wait((deciding,))
         current = await self.sessions.get(session_id)
         if current is None or current.terminal:
-            raise NotFound("session_not_found", "no pending Truecaller session has this requestId")
+            raise _no_session()
 
     async def _check(self, url: str) -> CheckedEndpoint:
         return await check_endpoint(
@@ -436,6 +500,14 @@ class Truecaller:
             },
         )
         return Outcome(FAILED, "provider_error")
+
+
+def _no_session() -> NotFound:
+    return NotFound("session_not_found", "no pending Truecaller session has this requestId")
+
+
+def _token_hash(callback: TokenCallback) -> str:
+    return hashlib.sha256(callback.access_token.encode()).hexdigest()
 
 
 def _claimed(result: ClaimResult | None) -> ClaimResult:
