@@ -73,6 +73,16 @@ def parser() -> argparse.ArgumentParser:
         help="callback at a random offset up to this many seconds (default: the poll interval)",
     )
     p.add_argument("--leak-cycles", type=int, default=2, help="extra open/close rounds for the leak check (default 2)")
+    p.add_argument(
+        "--settle-scale",
+        type=float,
+        default=1.0,
+        help="scale of the waits for a steady state before the streams phase's memory readings"
+        " (default 1: 0.5 s after creating, 1 s after opening, 3 s after closing)",
+    )
+    p.add_argument(
+        "--floor-samples", type=int, default=200, help="requests and fdatasyncs each for the 10 ms-pace floor"
+    )
     p.add_argument("--max-per-process", type=int, default=4000, help="streams per load-generator process")
     p.add_argument("--out", type=Path, default=Path("bench/results/latest.json"), help="results JSON")
     p.add_argument("--profile", action="store_true", help="py-spy the gateway (open, idle, throughput phases)")
@@ -154,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             poll_interval=args.poll_interval,
             poll_offset_max=args.poll_offset_max if args.poll_offset_max is not None else args.poll_interval,
             leak_cycles=args.leak_cycles,
+            settle_scale=args.settle_scale,
+            floor_samples=args.floor_samples,
             max_per_process=args.max_per_process,
             out=args.out,
             profile=args.profile,

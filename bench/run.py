@@ -105,6 +105,10 @@ class Options:
     poll_interval: float = 3.0
     poll_offset_max: float = 3.0
     leak_cycles: int = 2
+    # Scale of the waits for a steady state before each memory reading of the streams phase
+    # (0.5 s after creating, 1 s after opening, 3 s after closing); the smoke test shrinks them.
+    settle_scale: float = 1.0
+    floor_samples: int = 200  # requests and fdatasyncs each for the 10 ms-pace floor
     max_per_process: int = 4000
     out: Path = Path("bench/results/latest.json")
     profile: bool = False
@@ -419,7 +423,7 @@ class Bench:
         }
         if created != hold:
             raise BenchError(f"N={n}: created {created} of {hold} sessions: {result['create']['first_error']}")
-        time.sleep(0.5)
+        time.sleep(0.5 * opts.settle_scale)
         mem["sessions"] = procs.memory(pid)
 
         log(opts, f"N={n}: opening {n} streams")
@@ -449,7 +453,7 @@ class Bench:
         if opened != hold:
             raise BenchError(f"N={n}: opened {opened} of {hold} streams: {result['open']['first_error']}")
         result["server_open_streams"] = self.wait_open_streams(svc, n, timeout=10)
-        time.sleep(1.0)
+        time.sleep(1.0 * opts.settle_scale)
         mem["streams"] = procs.memory(pid)
         result["fds"] = procs.open_fds(pid)
         result["threads"] = procs.threads(pid)
@@ -485,7 +489,7 @@ class Bench:
         log(opts, f"N={n}: closing streams (leak check)")
         pool.all("close")
         result["server_open_streams_after_close"] = self.wait_open_streams(svc, 0)
-        time.sleep(3.0)  # steady state: the gateway hands freed memory back within ~2 s
+        time.sleep(3.0 * opts.settle_scale)  # steady state: the gateway hands freed memory back within ~2 s
         mem["closed"] = procs.memory(pid)
         cycles = []
         for _ in range(opts.leak_cycles):
@@ -493,7 +497,7 @@ class Bench:
             reopened = sum(r["opened"] for r in replies.values())
             pool.all("close")
             self.wait_open_streams(svc, 0)
-            time.sleep(3.0)
+            time.sleep(3.0 * opts.settle_scale)
             cycles.append({"reopened": reopened, **procs.memory(pid)})
         mem["reopen_cycles"] = cycles
         result["memory"] = mem
@@ -560,11 +564,12 @@ class Bench:
                 },
             }
         if floor:
-            rtt = pool.call({0: {"op": "floor", "path": "/healthz", "gap": 0.01, "count": 200}})[0]["rtt_ms"]
+            count = opts.floor_samples
+            rtt = pool.call({0: {"op": "floor", "path": "/healthz", "gap": 0.01, "count": count}})[0]["rtt_ms"]
             db_dir = self.databases[svc.name].parent
             result["floor_10ms_pace"] = {
                 "healthz_rtt_ms": summary(rtt),
-                "fdatasync_4k_ms": summary(procs.fdatasync_ms(db_dir, 0.01, 200)),
+                "fdatasync_4k_ms": summary(procs.fdatasync_ms(db_dir, 0.01, count)),
             }
         return paced_e2e
 

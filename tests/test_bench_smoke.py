@@ -45,8 +45,11 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str
     env = {**os.environ, marker: "1"}
     argv = [
         sys.executable, "-m", "bench",
-        "--streams", "50", "--sample", "10", "--duration", "1", "--cpu-window", "1",
+        "--streams", "50", "--sample", "10", "--duration", "0.3", "--cpu-window", "0.2",
         "--concurrency", "4", "--poll-sessions", "4", "--poll-interval", "0.5", "--leak-cycles", "1",
+        # Every phase runs, with short waits: the smoke test reads no memory reading's size
+        # closely and needs no machine floor of 200 samples (about 10 s saved).
+        "--settle-scale", "0.05", "--floor-samples", "20",
         "--out", str(out), "--quiet",
     ]  # fmt: skip
     done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=50)
