@@ -254,10 +254,7 @@ class Truecaller:
             fetch = asyncio.ensure_future(self._outcome(sid, got.phone, endpoint, token, claim.token_expires_at))
             await self._fetch_after_claim(sid, fetch, decided)
         except BaseException as exc:
-            if fetch is not None:
-                fetch.cancel()
-            if not decided.done() and not isinstance(exc, asyncio.CancelledError):
-                decided.set_exception(exc)
+            _abandoned(fetch, decided, exc)
             raise
 
     def _claim(self, sid: str, endpoint: CheckedEndpoint, callback: TokenCallback, token_hash: str) -> TokenClaim:
@@ -337,10 +334,7 @@ class Truecaller:
                 return
             await self.sessions.finish(sid, await fetch, release_claim=True)
         except BaseException as exc:
-            if fetch is not None:
-                fetch.cancel()
-            if not decided.done() and not isinstance(exc, asyncio.CancelledError):
-                decided.set_exception(exc)
+            _abandoned(fetch, decided, exc)
             raise
 
     async def _fetch_after_claim(
@@ -500,6 +494,14 @@ class Truecaller:
             },
         )
         return Outcome(FAILED, "provider_error")
+
+
+def _abandoned(fetch: asyncio.Future[Outcome] | None, decided: asyncio.Future[ClaimResult], exc: BaseException) -> None:
+    """A token callback's task failed: no fetch goes on, and its answer (unless cancelled) is the error."""
+    if fetch is not None:
+        fetch.cancel()
+    if not decided.done() and not isinstance(exc, asyncio.CancelledError):
+        decided.set_exception(exc)
 
 
 def _no_session() -> NotFound:
