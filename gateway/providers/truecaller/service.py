@@ -7,6 +7,10 @@ alone (a conditional insert that only the first callback of a session wins), the
 answered, and the outcome follows when the fetch ends. A stored row lets a restarted gateway
 resume the fetch; it is deleted once the outcome is written. The access token is a secret:
 it is never logged.
+
+On a database several processes share, no process can wait for another's callback of the
+same session: there the token is stored first (found by requestId in the same call) and only
+the callback whose claim was stored fetches the profile (`_on_shared_token`).
 """
 
 from __future__ import annotations
