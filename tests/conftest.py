@@ -12,6 +12,34 @@ from gateway.storage.base import Store
 from tests.pg import Cluster, require_bin_dir, start_cluster
 from tests.utils import Running, make_settings, run_gateway
 
+# The modules that take longest (seconds of one worker, measured on 2 cores), longest first.
+# `-n auto` hands whole modules to the workers (--dist loadfile, see pyproject.toml) in
+# collection order; these go first so that none of them starts last and leaves the other
+# workers idle while it runs. A module missing here only runs later, in file order.
+LONGEST_FIRST = (
+    "test_scaleout.py",  # ~27 s: gateway processes killed and restarted, PostgreSQL restarted
+    "test_browser.py",  # ~21 s
+    "test_zipapp.py",  # ~20 s: building the artifact
+    "test_bench_scaleout_smoke.py",  # ~20 s
+    "test_webhooks_delivery.py",  # ~14 s
+    "test_abuse.py",  # ~10 s
+    "test_bench_smoke.py",  # ~10 s
+    "test_api.py",
+    "test_stream.py",
+    "test_doctor.py",
+    "test_disk.py",
+    "test_reconnect_spread.py",
+    "test_browser_resume.py",
+    "test_idempotency.py",
+    "test_truecaller_flow.py",
+    "test_sandbox_scripted.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order otherwise
+
 
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
