@@ -3,6 +3,7 @@ of each backend (SQLite in a temp file, PostgreSQL in a fresh database of a per-
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -39,6 +40,15 @@ LONGEST_FIRST = (
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order otherwise
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """`-n auto`: one worker more than there are cores. The end-to-end tests spend most of their
+    time waiting on sockets, timers and subprocesses (one worker per core left the cores idle
+    half the time); a third worker on 2 cores takes the suite from ~103 s to ~85-90 s."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # xdist's own answer: the variable says how many
+    return len(os.sched_getaffinity(0)) + 1
 
 
 @pytest.fixture
