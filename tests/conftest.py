@@ -13,7 +13,7 @@ from gateway.storage.base import Store
 from tests.pg import Cluster, require_bin_dir, start_cluster
 from tests.utils import Running, make_settings, run_gateway
 
-# The modules that take longest (seconds of one worker, measured on 2 cores), longest first.
+# The modules that take longest (seconds, with two workers on 2 cores), longest first.
 # `-n auto` hands whole modules to the workers (--dist loadfile, see pyproject.toml) in
 # collection order; these go first so that none of them starts last and leaves the other
 # workers idle while it runs. A module missing here only runs later, in file order.
@@ -42,6 +42,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order otherwise
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
     """`-n auto`: one worker more than there are cores. The end-to-end tests spend most of their
     time waiting on sockets, timers and subprocesses (one worker per core left the cores idle
