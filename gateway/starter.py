@@ -73,6 +73,7 @@ class Starter:
         # Told of every new session after it is stored (the sandbox's scripted numbers).
         self.on_started: list[Callable[[Session, Prepared], None]] = []
         self.admission: Admission | None = None  # the abuse limits, checked before the provider is called
+        self._tickets_starting: set[str] = set()  # hashes of the start tickets whose start runs now
 
     async def start(
         self,
@@ -94,8 +95,31 @@ class Starter:
         checked_phone = parse_phone(phone)
         checked_user_ref = parse_user_ref(user_ref)
         ticket = self._admit(credential, checked_phone, checked_user_ref)
-        if ticket is not None and await self.sessions.store.ticket_used(ticket.hash):
+        if ticket is None:
+            return await self._start(provider_name, checked_phone, checked_user_ref, client, remember, credential, None)
+        # One start per ticket at a time: a racing duplicate is refused here, before it is
+        # charged to the abuse limits (else it could answer 429 where the truth is 401). The
+        # insert of the ticket's hash with the session decides between processes.
+        if ticket.hash in self._tickets_starting or await self.sessions.store.ticket_used(ticket.hash):
             raise Unauthorized("unauthorized", "this start ticket has been used already")
+        self._tickets_starting.add(ticket.hash)
+        try:
+            return await self._start(
+                provider_name, checked_phone, checked_user_ref, client, remember, credential, ticket
+            )
+        finally:
+            self._tickets_starting.discard(ticket.hash)
+
+    async def _start(
+        self,
+        provider_name: object,
+        checked_phone: str | None,
+        checked_user_ref: str | None,
+        client: Client,
+        remember: tuple[str, str] | None,
+        credential: Credential,
+        ticket: Admitted | None,
+    ) -> tuple[Session, Prepared]:
         if self.disk is not None:
             await self.disk.check()  # before the provider call: a full database stores nothing
         provider = self.providers.get(str(provider_name))

@@ -144,6 +144,21 @@ async def test_start_tickets(tmp_path: Path) -> None:
     assert count(db) == 4
 
 
+async def test_racing_starts_with_one_ticket_are_401_not_charged_to_the_phone_limit(tmp_path: Path) -> None:
+    """A duplicate of a ticket whose start runs is refused before the abuse limits count it:
+    with room for one session per phone, seven racing duplicates are 401, never 429."""
+    db = tmp_path / "g.db"
+    body = {"phone": PHONE, "user_ref": "user-42"}
+    limits = {"limits": {"sessions_per_phone_burst": 1, "sessions_per_phone_rate": 1}}
+    async with auth_gateway(db, **limits) as gw, gw.client() as c:
+        racing = ticket()
+        rs = await asyncio.gather(*(create(c, "Ticket " + racing, **body) for _ in range(8)))
+        assert sorted(r.status_code for r in rs) == [201] + [401] * 7, [r.text for r in rs if r.status_code != 401]
+        metrics = (await c.get("/metrics")).text
+    assert 'gateway_limited_total{limit="sessions_per_phone"} 0.0' in metrics.splitlines()
+    assert count(db) == 1 and count(db, "start_tickets_used") == 1
+
+
 async def test_a_ticket_with_an_idempotency_key_is_answered_again(tmp_path: Path) -> None:
     db = tmp_path / "g.db"
     body = {"phone": PHONE, "user_ref": "user-42"}
