@@ -63,6 +63,17 @@ async def test_migrations_run_by_three_processes_at_once_are_applied_once(pg_clu
         await pg_cluster.drop_database(dsn)
 
 
+async def test_warming_new_pool_connections_writes_nothing(pg_dsn: str) -> None:
+    """Each new pool connection calls the claim function once (its cold first call costs
+    milliseconds) for a session that cannot exist: nothing is stored by it."""
+    async with stores(pg_dsn, 1) as (store,):
+        assert store.pool is not None
+        async with store.pool.acquire(), store.pool.acquire(), store.pool.acquire():
+            assert store.pool.get_size() == 3  # two more connections, each warmed as it opened
+        for table in ("truecaller_tokens_used", "truecaller_callbacks", "session_events", "sessions"):
+            assert (await sql_rows(store, f"SELECT COUNT(*) AS n FROM {table}"))[0]["n"] == 0
+
+
 async def test_of_many_finishes_from_three_processes_exactly_one_is_stored(pg_dsn: str) -> None:
     async with stores(pg_dsn, 3) as opened:
         await opened[0].create(session("race"))
