@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import phonenumbers
@@ -95,60 +96,56 @@ class Starter:
         checked_phone = parse_phone(phone)
         checked_user_ref = parse_user_ref(user_ref)
         ticket = self._admit(credential, checked_phone, checked_user_ref)
+        if ticket is not None and await self.sessions.store.ticket_used(ticket.hash):
+            raise Unauthorized("unauthorized", "this start ticket has been used already")
+        with self._one_start(ticket):
+            if self.disk is not None:
+                await self.disk.check()  # before the provider call: a full database stores nothing
+            provider = self.providers.get(str(provider_name))
+            if provider is None:
+                raise Conflict(
+                    "provider_disabled", f"the {provider_name} provider is disabled in this gateway's config"
+                )
+            if self.admission is not None:
+                await self.admission.admit_session(client.ip, checked_phone, per_address=credential.kind != "key")
+            session_id = new_session_id()
+            # The provider is called before the insert, so a provider failure leaves nothing stored.
+            prepared = await provider.prepare(
+                session_id=session_id, phone=checked_phone, user_ref=checked_user_ref, client=client
+            )
+            session = await self.sessions.create(
+                session_id=session_id,
+                provider=provider.name,
+                ttl=prepared.ttl,
+                phone=checked_phone,
+                user_ref=checked_user_ref,
+                provider_ref=prepared.provider_ref,
+                provider_data=prepared.data,
+                idempotency=None
+                if remember is None
+                else lambda s: Idempotency(remember[0], remember[1], created_answer(s, prepared), s.expires_at),
+                ticket=ticket,
+            )
+            self.metrics.session_created(provider.name)
+            for hook in self.on_started:
+                hook(session, prepared)
+            return session, prepared
+
+    @contextlib.contextmanager
+    def _one_start(self, ticket: Admitted | None) -> Iterator[None]:
+        """One start per ticket at a time: a racing duplicate is refused here, before it is
+        charged to the abuse limits (else it could answer 429 where the truth is 401). The
+        insert of the ticket's hash with the session decides between processes."""
         if ticket is None:
-            return await self._start(provider_name, checked_phone, checked_user_ref, client, remember, credential, None)
-        # One start per ticket at a time: a racing duplicate is refused here, before it is
-        # charged to the abuse limits (else it could answer 429 where the truth is 401). The
-        # insert of the ticket's hash with the session decides between processes.
-        if ticket.hash in self._tickets_starting or await self.sessions.store.ticket_used(ticket.hash):
+            yield
+            return
+        if ticket.hash in self._tickets_starting:
             raise Unauthorized("unauthorized", "this start ticket has been used already")
         self._tickets_starting.add(ticket.hash)
         try:
-            return await self._start(
-                provider_name, checked_phone, checked_user_ref, client, remember, credential, ticket
-            )
+            yield
         finally:
             self._tickets_starting.discard(ticket.hash)
-
-    async def _start(
-        self,
-        provider_name: object,
-        checked_phone: str | None,
-        checked_user_ref: str | None,
-        client: Client,
-        remember: tuple[str, str] | None,
-        credential: Credential,
-        ticket: Admitted | None,
-    ) -> tuple[Session, Prepared]:
-        if self.disk is not None:
-            await self.disk.check()  # before the provider call: a full database stores nothing
-        provider = self.providers.get(str(provider_name))
-        if provider is None:
-            raise Conflict("provider_disabled", f"the {provider_name} provider is disabled in this gateway's config")
-        if self.admission is not None:
-            await self.admission.admit_session(client.ip, checked_phone, per_address=credential.kind != "key")
-        session_id = new_session_id()
-        # The provider is called before the insert, so a provider failure leaves nothing stored.
-        prepared = await provider.prepare(
-            session_id=session_id, phone=checked_phone, user_ref=checked_user_ref, client=client
-        )
-        session = await self.sessions.create(
-            session_id=session_id,
-            provider=provider.name,
-            ttl=prepared.ttl,
-            phone=checked_phone,
-            user_ref=checked_user_ref,
-            provider_ref=prepared.provider_ref,
-            provider_data=prepared.data,
-            idempotency=None
-            if remember is None
-            else lambda s: Idempotency(remember[0], remember[1], created_answer(s, prepared), s.expires_at),
-            ticket=ticket,
-        )
-        self.metrics.session_created(provider.name)
-        for hook in self.on_started:
-            hook(session, prepared)
-        return session, prepared
 
     def _admit(self, credential: Credential, phone: str | None, user_ref: str | None) -> Admitted | None:
         """A ticket checked against the request (all but its single use); None for a key or no credential."""
