@@ -729,7 +729,7 @@ class PgStore:
         row = await self._write(call, transaction=False)  # one statement: its own transaction
         assert row is not None
         sid = row["o_session"]
-        if sid is not None and row["o_provider"] is not None:
+        if sid is not None:  # found pending, with its provider
             self._remember_pending(sid, row["o_provider"], row["o_user_ref"])
         return RefProgressed(sid, row["o_phone"], row["o_user_ref"], _progressed(row))
 

@@ -855,12 +855,8 @@ class SqliteStore:
                 claim.session_id,
             ),
         )
-        if cur.rowcount == 1:
-            return "stored"
-        pending = conn.execute(
-            "SELECT 1 FROM sessions WHERE id = ? AND status = 'pending'", (claim.session_id,)
-        ).fetchone()
-        return "repeat" if pending else "gone"
+        # The session was pending above, and this single writer's transaction keeps it so.
+        return "stored" if cur.rowcount == 1 else "repeat"
 
     # -- the webhook outbox --------------------------------------------------------------
     async def outbox_due(self, now: float, limit: int) -> list[OutboxItem]:

@@ -74,15 +74,14 @@ BEGIN
             o_claim := 'reused';
             RETURN;
         END IF;
+        -- The session's row is locked and pending: only another callback's claim stops this one.
         INSERT INTO truecaller_callbacks
             (session_id, endpoint, access_token, received_at, token_expires_at, lease_until)
-            SELECT s.id, p_endpoint, p_access_token, p_received_at, p_token_expires, p_lease_until
-            FROM sessions s WHERE s.id = o_session AND s.status = 'pending'
+            VALUES (o_session, p_endpoint, p_access_token, p_received_at, p_token_expires, p_lease_until)
             ON CONFLICT (session_id) DO NOTHING;
         GET DIAGNOSTICS v_stored = ROW_COUNT;
         IF v_stored <> 1 THEN
-            PERFORM 1 FROM sessions s WHERE s.id = o_session AND s.status = 'pending';
-            o_claim := CASE WHEN FOUND THEN 'repeat' ELSE 'gone' END;
+            o_claim := 'repeat';
             RETURN;
         END IF;
         o_claim := 'stored';
